@@ -1,0 +1,3 @@
+from gemx.cli import main
+
+main()

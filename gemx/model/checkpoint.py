@@ -1,0 +1,102 @@
+"""Checkpoints: weights, the model config and metadata in one file, loaded without unpickling code.
+
+Format: a `torch.save` of plain data, {"format": "gemx-checkpoint", "version": 1, "config": {...},
+"state_dict": {...}, "meta": {...}, optional "train_state": {...}}, read back with
+`torch.load(weights_only=True)`, which refuses anything but tensors and primitive containers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from gemx.errors import GemxError
+from gemx.model.config import ModelConfig
+from gemx.model.network import GeminoAttention, build_model
+
+FORMAT = "gemx-checkpoint"
+VERSION = 1
+DEFAULT_CHECKPOINT = "small_x4.pt"
+
+
+@dataclass
+class Checkpoint:
+    model: GeminoAttention
+    meta: dict = field(default_factory=dict)
+    train_state: dict | None = None
+    path: Path | None = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, model: GeminoAttention, meta: dict | None = None,
+                    train_state: dict | None = None) -> None:
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": meta or {},
+    }
+    if train_state is not None:
+        payload["train_state"] = train_state
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
+    """Load a gemx checkpoint; `None` loads the shipped default. Every failure is one clear GemxError."""
+    path = default_checkpoint_path() if path is None else Path(path)
+    if not path.exists():
+        raise GemxError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise GemxError(f"checkpoint {path} is a directory; pass the .pt file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (zipfile.BadZipFile, EOFError, RuntimeError) as e:
+        raise GemxError(f"checkpoint {path} is truncated or corrupt ({_first_line(e)}); re-download or re-train it") from None
+    except Exception as e:  # weights_only refusing a pickled object, or an unknown file entirely
+        raise GemxError(f"checkpoint {path} is not a gemx checkpoint ({_first_line(e)})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise GemxError(f"{path} is not a gemx checkpoint (no '{FORMAT}' header); gemx loads checkpoints written by `gemx train`")
+    if payload.get("version", 0) > VERSION:
+        raise GemxError(f"checkpoint {path} has format version {payload['version']}; this gemx reads up to {VERSION}, upgrade gemx")
+    model = build_model(ModelConfig.from_dict(payload["config"]))
+    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    if missing or unexpected:
+        raise GemxError(f"checkpoint {path} does not match its own config (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    model.eval()
+    return Checkpoint(model, payload.get("meta", {}), payload.get("train_state"), path)
+
+
+def default_checkpoint_path() -> Path:
+    path = Path(str(resources.files("gemx") / "checkpoints" / DEFAULT_CHECKPOINT))
+    if not path.exists():
+        raise GemxError("no default checkpoint is shipped with this install; pass a checkpoint path (train one with `gemx train`)")
+    return path
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:160] if text else type(e).__name__

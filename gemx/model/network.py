@@ -1,0 +1,238 @@
+"""The multi-reference super-resolution network (Figure 3 of the paper), and its two baselines.
+
+Read top to bottom: an encoder, block attention, a decoder, then the model that wires them.
+The model is split at the deployment seam: `encode_references` runs once per reference set and
+returns the key/value cache, `attend_and_decode` runs for every frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gemx.errors import GemxError
+from gemx.model.config import ModelConfig
+from gemx.model.lr import synthesize_lr, upsample_bicubic
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+
+
+class Encoder(nn.Module):
+    """3 levels, each two conv3x3+ReLU then a stride-2 conv: features at size/2, size/4, size/8."""
+
+    def __init__(self, channels: tuple[int, int, int]):
+        super().__init__()
+        levels, cin = [], 3
+        for c in channels:
+            levels.append(nn.Sequential(
+                conv3x3(cin, c), nn.ReLU(inplace=True),
+                conv3x3(c, c), nn.ReLU(inplace=True),
+                conv3x3(c, c, stride=2),
+            ))
+            cin = c
+        self.levels = nn.ModuleList(levels)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for level in self.levels:
+            x = level(x)
+            feats.append(x)
+        return feats
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder: conv3x3+ReLU pairs and bilinear x2 upsampling, finer levels as skips.
+
+    `inputs[l]` is the channel count arriving at level l (0 where a level has no skip). Each level
+    narrows to the next finer level's width, as the encoder widened.
+    """
+
+    def __init__(self, channels: tuple[int, int, int], inputs: tuple[int, int, int]):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.level3 = conv_pair(inputs[2], c3, c2)
+        self.level2 = conv_pair(c2 + inputs[1], c2, c1)
+        self.level1 = conv_pair(c1 + inputs[0], c1, c1)
+        self.head = nn.Sequential(conv3x3(c1, max(c1 // 2, 3)), nn.ReLU(inplace=True), conv3x3(max(c1 // 2, 3), 3))
+
+    def forward(self, feats: list[torch.Tensor | None]) -> torch.Tensor:
+        x = self.level3(feats[2])
+        for level, skip in ((self.level2, feats[1]), (self.level1, feats[0])):
+            x = upsample2x(x)
+            x = level(x if skip is None else torch.cat([x, skip], dim=1))
+        return self.head(upsample2x(x))
+
+
+def conv_pair(cin: int, mid: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(conv3x3(cin, mid), nn.ReLU(inplace=True), conv3x3(mid, cout), nn.ReLU(inplace=True))
+
+
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+# --- block attention ------------------------------------------------------------------------------
+# Layouts (M = batch * number of blocks, BB = B*B tokens per block, R = references):
+#   queries [M, BB, C]; keys [M, C, R, BB] (already divided by the temperature); values [M, R, BB, C].
+# Keys and values carry R in a dimension of its own; merging it with BB is a free contiguous reshape.
+
+def query_blocks(q: torch.Tensor, b: int) -> torch.Tensor:
+    n, c, h, w = q.shape
+    q = q.reshape(n, c, h // b, b, w // b, b).permute(0, 2, 4, 3, 5, 1)
+    return q.reshape(n * (h // b) * (w // b), b * b, c)
+
+
+def key_blocks(k: torch.Tensor, b: int) -> torch.Tensor:
+    """[N, R, C, H, W] -> [M, C, R, BB]."""
+    n, _, c, h, w = k.shape
+    k = k.reshape(n, -1, c, h // b, b, w // b, b).permute(0, 3, 5, 2, 1, 4, 6)
+    return k.reshape(n * (h // b) * (w // b), c, -1, b * b)
+
+
+def value_blocks(v: torch.Tensor, b: int) -> torch.Tensor:
+    """[N, R, C, H, W] -> [M, R, BB, C]."""
+    n, _, c, h, w = v.shape
+    v = v.reshape(n, -1, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 4, 6, 2)
+    return v.reshape(n * (h // b) * (w // b), -1, b * b, c)
+
+
+def unblock(x: torch.Tensor, n: int, c: int, h: int, w: int, b: int) -> torch.Tensor:
+    """[M, BB, C] -> [N, C, H, W], the inverse of `query_blocks`."""
+    x = x.reshape(n, h // b, w // b, b, b, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(n, c, h, w)
+
+
+def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b: int) -> torch.Tensor:
+    """softmax(Q K^T / c) V inside each BxB block, over the same block of every reference.
+
+    q: [N, C, H, W]; keys, values: blocked as above, with the temperature folded into the keys.
+    The softmax runs in float32 whatever the activations are: it is the numerically sensitive step.
+    """
+    n, c, h, w = q.shape
+    m = keys.shape[0]
+    logits = torch.matmul(query_blocks(q, b), keys.reshape(m, c, -1))  # [M, BB, R*BB]
+    attn = torch.softmax(logits.float(), dim=-1).to(values.dtype)
+    out = torch.matmul(attn, values.reshape(m, -1, c))  # [M, BB, C]
+    return unblock(out, n, c, h, w, b)
+
+
+@dataclass
+class ReferenceCache:
+    """Per attention level, keys [M, C, R, BB] and values [M, R, BB, C]: all a frame needs of the references."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def num_references(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class GeminoAttention(nn.Module):
+    """Multi-resolution multi-reference super-resolution by implicit warping.
+
+    A shared key/query encoder sees LR frames (references -> keys, target -> queries), a value
+    encoder sees HR references (-> values). Attention at every level warps reference detail onto
+    the target; the coarsest result feeds the decoder and the finer ones are U-Net skips.
+    The `sisr` and `coarse` archs of the config are the paper's two baselines.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        ch = config.channels
+        self.kq_encoder = Encoder(ch)
+        levels = config.attention_levels
+        if levels:
+            self.value_encoder = Encoder(ch)
+            init = [math.log(math.sqrt(c)) for c in ch]
+            self.log_temperature = nn.Parameter(torch.tensor([init[i] for i in levels]))
+        # What reaches the decoder at each level: attention output, the target's own features
+        # (SISR, or robust), or both (robust); the coarse baseline has no skips.
+        widths = []
+        for i, c in enumerate(ch):
+            attended = c if i in levels else 0
+            own = c if (config.arch == "sisr" or config.robust) else 0
+            skip = config.arch != "coarse" or i == 2
+            widths.append(attended + own if skip else 0)
+        self.decoder = Decoder(ch, tuple(widths))
+
+    # -- the deployment seam ---------------------------------------------------------------------
+    def encode_references(self, refs_hr: torch.Tensor) -> ReferenceCache:
+        """HR references [N, R, 3, H, W] (or [R, 3, H, W]) -> the key/value cache. Runs once per set."""
+        if refs_hr.dim() == 4:
+            refs_hr = refs_hr.unsqueeze(0)
+        self._check_frames(refs_hr, "references", ndim=5)
+        if refs_hr.shape[1] == 0:
+            raise GemxError("no references given; pass at least one high-resolution reference frame")
+        levels = self.config.attention_levels
+        if not levels:
+            return ReferenceCache([], [])
+        n, r = refs_hr.shape[:2]
+        flat = refs_hr.reshape(n * r, *refs_hr.shape[2:])
+        keys = self.kq_encoder(synthesize_lr(flat, self.config.scale))
+        values = self.value_encoder(flat)
+        cache = ReferenceCache([], [])
+        for j, i in enumerate(levels):
+            b = self.config.block_at(i)
+            k = keys[i] * torch.exp(-self.log_temperature[j])
+            cache.keys.append(key_blocks(k.reshape(n, r, *k.shape[1:]), b))
+            cache.values.append(value_blocks(values[i].reshape(n, r, *values[i].shape[1:]), b))
+        return cache
+
+    def attend_and_decode(self, target_lr: torch.Tensor, cache: ReferenceCache) -> torch.Tensor:
+        """LR target [N, 3, H/scale, W/scale] (as a receiver gets it) + cache -> HR frame [N, 3, H, W]."""
+        self._check_frames(target_lr, "target_lr", ndim=4, factor=self.config.scale)
+        queries = self.kq_encoder(upsample_bicubic(target_lr, self.config.scale))
+        levels = self.config.attention_levels
+        if levels and not cache.keys:
+            raise GemxError("this model attends to references: call encode_references first")
+        if levels and cache.keys[-1].shape[0] != self._num_blocks(target_lr, levels[-1]):
+            raise GemxError("the target frame and the cached references differ in size; encode references of the target's size")
+        feats: list[torch.Tensor | None] = []
+        for i, q in enumerate(queries):
+            parts = []
+            if i in levels:
+                j = levels.index(i)
+                parts.append(block_attention(q, cache.keys[j], cache.values[j], self.config.block_at(i)))
+            if self.config.arch == "sisr" or self.config.robust:
+                parts.append(q)
+            feats.append(torch.cat(parts, dim=1) if parts else None)
+        if self.config.arch == "coarse":
+            feats[0] = feats[1] = None
+        return self.decoder(feats)
+
+    def forward(self, target_lr: torch.Tensor, refs_hr: torch.Tensor | None = None) -> torch.Tensor:
+        cache = ReferenceCache([], []) if self.config.arch == "sisr" else self.encode_references(refs_hr)
+        return self.attend_and_decode(target_lr, cache)
+
+    def _num_blocks(self, target_lr: torch.Tensor, level: int) -> int:
+        side_h, side_w = (s * self.config.scale // 2 ** (level + 1) for s in target_lr.shape[-2:])
+        b = self.config.block_at(level)
+        return target_lr.shape[0] * (side_h // b) * (side_w // b)
+
+    def _check_frames(self, x: torch.Tensor, name: str, ndim: int, factor: int = 1) -> None:
+        """Frames are [N, 3, H, W] (refs [N, R, 3, H, W]); H, W times `factor` must tile the blocks.
+
+        The network is fully convolutional, so any size on the block grid works (training uses crops);
+        deployment graphs fix the size to the config's.
+        """
+        grid = self.config.grid // factor
+        layout = "[N, R, 3, H, W]" if ndim == 5 else "[N, 3, H, W]"
+        if x is None or x.dim() != ndim or x.shape[-3] != 3 or x.shape[-1] % grid or x.shape[-2] % grid:
+            got = "nothing" if x is None else list(x.shape)
+            size = self.config.size // factor
+            raise GemxError(f"{name} must be RGB frames {layout} with H, W = {size} (or multiples of {grid}), got {got}")
+
+
+def build_model(config: ModelConfig) -> GeminoAttention:
+    return GeminoAttention(config)

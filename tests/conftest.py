@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemx.model import build_model, preset, save_checkpoint
+
+SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_model():
+    return build_model(preset("tiny")).eval()
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path_factory):
+    """A tiny checkpoint with non-trivial temperatures (so folding them into the keys is tested)."""
+    torch.manual_seed(1)
+    model = build_model(preset("tiny"))
+    with torch.no_grad():
+        model.log_temperature.copy_(torch.tensor([0.3, -0.2, 0.5]))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, model, {"note": "test"})
+    return path
+
+
+def frames(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g)
+
+
+def videos_or_skip() -> Path:
+    if not SHARED_VIDEOS.is_dir():
+        pytest.skip(f"needs the shared test videos at {SHARED_VIDEOS}")
+    return SHARED_VIDEOS
