@@ -88,6 +88,53 @@ def info(
     console.print(table)
 
 
+@command
+def export(
+    ckpt: Annotated[Path | None, typer.Argument(help="checkpoint (.pt); default: the shipped one")] = None,
+    out: Annotated[Path | None, typer.Option(help="export directory; default: <ckpt>-b<B>.export next to the checkpoint")] = None,
+    block_size: Annotated[int | None, typer.Option(help="attention block size to deploy with (default: the checkpoint's)")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (18-23)")] = 20,
+    max_refs: Annotated[int, typer.Option(help="largest reference count the graphs are validated for")] = 10,
+    fp16: Annotated[bool, typer.Option("--fp16", help="also write mixed-precision FP16 graphs (softmax and logits in FP32)")] = False,
+    simplify: Annotated[bool, typer.Option("--simplify", help="simplify graphs with onnxslim, parity re-checked")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing export directory")] = False,
+):
+    """Export split ONNX graphs (reference encoder + per-frame) with a dynamic `refs` axis and a manifest."""
+    from gemx.exporter.export import ExportOptions
+    from gemx.exporter.export import export as run_export
+
+    opts = ExportOptions(out, block_size, opset, max_refs, fp16, simplify, force)
+    with console.status("exporting") as status:
+        result = run_export(ckpt, opts, progress=lambda msg: status.update(msg))
+    render_export(result)
+
+
+def render_export(result) -> None:
+    from gemx.exporter.validate import FP16_PSNR_GOAL, FP32_TOLERANCE
+
+    table = Table(title=f"parity of the composed graphs (ONNX Runtime CPU, {result.frames_source})")
+    for col in ("precision", "against", "refs", "max abs error", "PSNR dB", "verdict"):
+        table.add_column(col)
+    for precision, rows in result.parity.items():
+        against = result.manifest["precisions"][precision]["parity_against"]
+        for r in rows:
+            ok = r.max_abs_error <= FP32_TOLERANCE if precision == "fp32" else r.psnr_db > FP16_PSNR_GOAL
+            table.add_row(precision, against, str(r.refs), f"{r.max_abs_error:.2e}", f"{r.psnr_db:.1f}",
+                          "[green]ok[/]" if ok else "[red]over budget[/]")
+    console.print(table)
+    if "fp16" in result.parity:
+        console.print("[dim]ONNX Runtime's CPU provider computes FP16 graphs in FP32 after casting weights; "
+                      "GPU FP16 error is measured by `gemx build --fp16`.[/]")
+    trt = Table(title=f"TensorRT parser compatibility (op table of TensorRT {result.trt[0].tensorrt_version})")
+    for col in ("graph", "ops", "verdict"):
+        trt.add_column(col)
+    for r in result.trt:
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(r.op_counts.items()))
+        trt.add_row(r.graph, ops, "[green]ok[/]" if r.ok else "[red]" + "; ".join(r.problems[:3]) + "[/]")
+    console.print(trt)
+    console.print(f"wrote [bold]{result.path}[/] (refs 1..{result.manifest['refs']['max']}, opset {result.manifest['opset']})")
+
+
 def main() -> None:
     app(prog_name="gemx")
 

@@ -11,6 +11,7 @@ TensorRT's documented operator table).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,24 +30,25 @@ def _cubic(t: float) -> float:
 
 
 @functools.cache
-def _phase_taps(scale: int) -> torch.Tensor:
-    """[scale, 5] weights: output phase p reads input pixels i-2..i+2 (half-pixel centres)."""
-    taps = torch.zeros(scale, 5, dtype=torch.float64)
+def _phase_kernel(scale: int) -> tuple[tuple[float, ...], ...]:
+    """[scale*scale, 25] 2-D weights: output phase (p, q) reads the 5x5 input pixels around it.
+
+    Kept as plain floats: a cached tensor could be a fake tensor captured while tracing an export.
+    """
+    taps = [[0.0] * 5 for _ in range(scale)]
     for p in range(scale):
-        x = (p + 0.5) / scale - 0.5  # source coordinate relative to input pixel i
-        base = int(torch.floor(torch.tensor(x)).item())
-        frac = x - base
+        x = (p + 0.5) / scale - 0.5  # source coordinate relative to input pixel i (half-pixel centres)
+        base = math.floor(x)
         for offset in range(-1, 3):  # the 4 cubic neighbours base-1 .. base+2
-            taps[p, base + offset + 2] += _cubic(offset - frac)
-    return taps
+            taps[p][base + offset + 2] += _cubic(offset - (x - base))
+    return tuple(tuple(taps[p][i] * taps[q][j] for i in range(5) for j in range(5)) for p in range(scale) for q in range(scale))
 
 
 def upsample_bicubic(x: torch.Tensor, scale: int) -> torch.Tensor:
     """Bicubic x`scale` upsampling of [N, C, h, w] as one depthwise conv and a pixel shuffle."""
-    n, c, h, w = x.shape
-    taps = _phase_taps(scale).to(x.dtype)
-    kernel = torch.einsum("pi,qj->pqij", taps, taps).reshape(scale * scale, 1, 5, 5)
-    kernel = kernel.repeat(c, 1, 1, 1).to(x.device)  # [c*s*s, 1, 5, 5], groups=c
+    c = x.shape[1]
+    kernel = torch.tensor(_phase_kernel(scale), dtype=x.dtype, device=x.device).reshape(scale * scale, 1, 5, 5)
+    kernel = kernel.repeat(c, 1, 1, 1)  # [c*s*s, 1, 5, 5], groups=c
     padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
     phases = F.conv2d(padded, kernel, groups=c)
     return F.pixel_shuffle(phases, scale)

@@ -19,6 +19,11 @@ from gemx.model.config import ModelConfig
 from gemx.model.lr import synthesize_lr, upsample_bicubic
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)` that emits nothing when the dtype already matches (a no-op cast trips torch.export)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
 
@@ -112,12 +117,13 @@ def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
     """softmax(Q K^T / c) V inside each BxB block, over the same block of every reference.
 
     q: [N, C, H, W]; keys, values: blocked as above, with the temperature folded into the keys.
-    The softmax runs in float32 whatever the activations are: it is the numerically sensitive step.
+    Logits and softmax run in float32 whatever the activations are: they are the numerically
+    sensitive step of a half-precision network.
     """
     n, c, h, w = q.shape
     m = keys.shape[0]
-    logits = torch.matmul(query_blocks(q, b), keys.reshape(m, c, -1))  # [M, BB, R*BB]
-    attn = torch.softmax(logits.float(), dim=-1).to(values.dtype)
+    logits = torch.matmul(cast(query_blocks(q, b), torch.float32), cast(keys.reshape(m, c, -1), torch.float32))  # [M, BB, R*BB]
+    attn = cast(torch.softmax(logits, dim=-1), values.dtype)
     out = torch.matmul(attn, values.reshape(m, -1, c))  # [M, BB, C]
     return unblock(out, n, c, h, w, b)
 
@@ -184,7 +190,7 @@ class GeminoAttention(nn.Module):
         cache = ReferenceCache([], [])
         for j, i in enumerate(levels):
             b = self.config.block_at(i)
-            k = keys[i] * torch.exp(-self.log_temperature[j])
+            k = cast(keys[i], torch.float32) * torch.exp(-cast(self.log_temperature[j], torch.float32))  # float32 keys
             cache.keys.append(key_blocks(k.reshape(n, r, *k.shape[1:]), b))
             cache.values.append(value_blocks(values[i].reshape(n, r, *values[i].shape[1:]), b))
         return cache

@@ -1,0 +1,154 @@
+"""`gemx export`: a checkpoint -> an export directory of split ONNX graphs, a manifest, and checks.
+
+Writes reference_encoder.onnx and frame.onnx (plus *.fp16.onnx with --fp16) and manifest.json into
+a temporary sibling directory and moves it into place only when every check passed, so a failed or
+interrupted export never leaves a half-written directory, and an existing export is replaced only
+with --force.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+
+from gemx.errors import GemxError
+from gemx.exporter.contract import Contract
+from gemx.exporter.graphs import FrameGraph, ReferenceEncoderGraph
+from gemx.exporter.manifest import MANIFEST, graph_entry, new_manifest, sha256, write_manifest
+from gemx.exporter.onnx_export import DEFAULT_OPSET, check_opset, export_graph
+from gemx.exporter.trt_check import TrtReport, check_tensorrt_compat
+from gemx.exporter.validate import FP32_TOLERANCE, ParityRow, check_parity, validation_frames
+from gemx.model.checkpoint import Checkpoint, load_checkpoint
+from gemx.model.network import GeminoAttention, build_model
+
+VALIDATE_REFS = (1, 2, 5, 10)
+
+
+@dataclass
+class ExportOptions:
+    out: Path | None = None
+    block_size: int | None = None  # attention block size to deploy with; weights do not depend on it
+    opset: int = DEFAULT_OPSET
+    max_refs: int = 10
+    fp16: bool = False
+    simplify: bool = False
+    force: bool = False
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict
+    parity: dict[str, list[ParityRow]] = field(default_factory=dict)
+    trt: list[TrtReport] = field(default_factory=list)
+    frames_source: str = ""
+
+
+def with_block_size(model: GeminoAttention, block_size: int | None) -> GeminoAttention:
+    """The same weights with another attention block size (block size shapes no parameter)."""
+    if block_size is None or block_size == model.config.block_size:
+        return model
+    other = build_model(model.config.replace(block_size=block_size))
+    other.load_state_dict(model.state_dict())
+    return other.eval()
+
+
+def default_out_dir(ckpt: Checkpoint, block_size: int) -> Path:
+    from gemx.model.checkpoint import default_checkpoint_path
+
+    name = f"{ckpt.path.stem}-b{block_size}.export"
+    shipped = ckpt.path.resolve() == default_checkpoint_path().resolve()
+    return Path.cwd() / name if shipped else ckpt.path.parent / name
+
+
+def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: None) -> ExportResult:
+    check_opset(opts.opset)
+    if opts.max_refs < 2:
+        raise GemxError("--max-refs must be at least 2 (graphs are exported from a 2-reference example)")
+    ckpt = load_checkpoint(ckpt_path)
+    model = with_block_size(ckpt.model, opts.block_size)
+    cfg = model.config
+    Contract(cfg)  # refuses models without references before any work
+    out = Path(opts.out) if opts.out else default_out_dir(ckpt, cfg.block_size)
+    _check_target(out, opts.force)
+    refs_list = sorted({r for r in (*VALIDATE_REFS, opts.max_refs) if r <= opts.max_refs})
+    frames, source = validation_frames(cfg.size, max(refs_list) + 1)
+    params = sum(p.numel() for p in model.parameters())
+    manifest = new_manifest(cfg, params, opts.opset, opts.max_refs, refs_list,
+                            {"file": ckpt.path.name, "sha256": sha256(ckpt.path)})
+    result = ExportResult(out, manifest, frames_source=source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        for precision in ("fp32", "fp16") if opts.fp16 else ("fp32",):
+            progress(f"exporting {precision} graphs")
+            contract = Contract(cfg, precision)
+            protos = _export_pair(model, contract, tmp, opts, frames)
+            paths = tuple(tmp / spec.file(precision) for spec in contract.graphs)
+            if opts.simplify:
+                progress(f"simplifying {precision} graphs")
+                protos = [_simplify(p, path) for p, path in zip(protos, paths, strict=True)]
+            result.trt += [check_tensorrt_compat(p, path.name) for p, path in zip(protos, paths, strict=True)]
+            progress(f"checking {precision} parity at refs {refs_list}")
+            fp32_paths = None if precision == "fp32" else tuple(tmp / s.file("fp32") for s in contract.graphs)
+            rows = check_parity(model, contract, paths, refs_list, frames, reference_paths=fp32_paths)
+            result.parity[precision] = rows
+            worst = max(r.max_abs_error for r in rows)
+            if precision == "fp32" and worst > FP32_TOLERANCE:
+                raise GemxError(f"exported graphs differ from PyTorch by {worst:.2e} (> {FP32_TOLERANCE}); export refused")
+            manifest["precisions"][precision] = {
+                "graphs": {spec.name: graph_entry(contract, spec, path, proto)
+                           for spec, path, proto in zip(contract.graphs, paths, protos, strict=True)},
+                "parity": [vars(r) for r in rows],
+                "parity_against": "pytorch" if precision == "fp32" else "fp32 graphs",
+            }
+        write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.chmod(0o755)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _export_pair(model: GeminoAttention, contract: Contract, out: Path, opts: ExportOptions,
+                 frames: torch.Tensor) -> list[onnx.ModelProto]:
+    cfg, precision = contract.config, contract.precision
+    encoder = ReferenceEncoderGraph(model, contract)
+    refs = frames[1:3].contiguous()  # two references: one would invite 0/1 specialisation
+    enc_spec, frame_spec = contract.graphs
+    enc = export_graph(encoder, (refs,), enc_spec, [0], opts.max_refs, opts.opset, out / enc_spec.file(precision))
+    with torch.no_grad():
+        kv = encoder(refs)
+    target = torch.nn.functional.avg_pool2d(frames[:1], cfg.scale)
+    axes = [None] + [contract.refs_axis(s) for s in contract.kv]
+    frame = export_graph(FrameGraph(model, contract), (target, kv), frame_spec, axes, opts.max_refs, opts.opset,
+                         out / frame_spec.file(precision))
+    return [enc, frame]
+
+
+def _simplify(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    try:
+        import onnxslim
+    except ImportError:
+        raise GemxError("--simplify needs onnxslim: pip install 'gemx[simplify]'") from None
+    slim = onnxslim.slim(proto)
+    onnx.save(slim, str(path))
+    return slim
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise GemxError(f"{out} exists and is not a directory; choose another --out")
+    if not (out / MANIFEST).exists() and any(out.iterdir()):
+        raise GemxError(f"{out} exists and is not a gemx export; choose another --out (gemx will not replace it)")
+    if (out / MANIFEST).exists() and not force:
+        raise GemxError(f"{out} already holds an export; pass --force to replace it or choose another --out")

@@ -1,0 +1,118 @@
+"""manifest.json: what an export directory holds, and the check every reader runs before using it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+import gemx
+from gemx.errors import GemxError
+from gemx.exporter.contract import Contract
+from gemx.model.checkpoint import atomic_write
+from gemx.model.config import ModelConfig
+
+FORMAT = "gemx-export"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def graph_entry(contract: Contract, spec, path: Path, proto: onnx.ModelProto) -> dict:
+    return {
+        "file": path.name,
+        "sha256": sha256(path),
+        "inputs": [s.to_dict() for s in spec.inputs],
+        "outputs": [s.to_dict() for s in spec.outputs],
+        "op_counts": _op_counts(proto),
+    }
+
+
+def _op_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in proto.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> Path:
+    path = out_dir / MANIFEST
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+    return path
+
+
+@dataclass
+class ExportDir:
+    """A checked export directory: its manifest, model config and the graph files per precision."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.manifest["model"]["config"])
+
+    @property
+    def max_refs(self) -> int:
+        return int(self.manifest["refs"]["max"])
+
+    @property
+    def precisions(self) -> list[str]:
+        return list(self.manifest["precisions"])
+
+    def contract(self, precision: str = "fp32") -> Contract:
+        return Contract(self.config, precision)
+
+    def graph_path(self, graph: str, precision: str = "fp32") -> Path:
+        if precision not in self.manifest["precisions"]:
+            raise GemxError(f"{self.path} has no {precision} graphs; re-export with `gemx export --{precision}`")
+        return self.path / self.manifest["precisions"][precision]["graphs"][graph]["file"]
+
+
+def read_export_dir(path: Path, verify: bool = True) -> ExportDir:
+    """Open an export directory, refusing one whose files do not match its manifest."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.exists():
+        raise GemxError(f"{path} is not a gemx export directory (no {MANIFEST}); create one with `gemx export`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise GemxError(f"{mpath} is corrupt ({e}); re-run `gemx export --force`") from None
+    if manifest.get("format") != FORMAT:
+        raise GemxError(f"{mpath} is not a gemx export manifest")
+    if manifest.get("version", 0) > VERSION:
+        raise GemxError(f"{mpath} has format version {manifest['version']}; this gemx reads up to {VERSION}, upgrade gemx")
+    export = ExportDir(path, manifest)
+    if verify:
+        for precision, entry in manifest["precisions"].items():
+            for graph in entry["graphs"].values():
+                f = path / graph["file"]
+                if not f.exists():
+                    raise GemxError(f"{f} named by the manifest is missing; re-run `gemx export --force`")
+                if sha256(f) != graph["sha256"]:
+                    raise GemxError(f"{f} does not match the sha256 in its manifest ({precision}); it was changed "
+                                    "after export: re-run `gemx export --force`")
+    return export
+
+
+def new_manifest(config: ModelConfig, params: int, opset: int, max_refs: int, validated: list[int], source: dict) -> dict:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "gemx_version": gemx.__version__,
+        "model": {"config": config.to_dict(), "parameters": params, "checkpoint": source},
+        "opset": opset,
+        "refs": {"axis": "refs", "min": 1, "max": max_refs, "validated": validated},
+        "precisions": {},
+    }

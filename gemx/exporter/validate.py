@@ -1,0 +1,86 @@
+"""Numerical checks of exported graphs against the PyTorch model, through ONNX Runtime on the CPU."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gemx.exporter.contract import Contract
+from gemx.model.lr import downsample
+from gemx.model.network import GeminoAttention
+
+FP32_TOLERANCE = 1e-4
+FP16_PSNR_GOAL = 50.0
+
+
+@dataclass
+class ParityRow:
+    refs: int
+    max_abs_error: float
+    psnr_db: float  # of the exported output against the reference output
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_pipeline(encoder, frame, contract: Contract, refs_hr: np.ndarray, target_lr: np.ndarray) -> np.ndarray:
+    """Composed encoder + frame graphs: what a deployment computes for one frame."""
+    kv = encoder.run([s.name for s in contract.kv], {"references": refs_hr})
+    feed = {"target_lr": target_lr, **{s.name: t for s, t in zip(contract.kv, kv, strict=True)}}
+    return frame.run(["frame_hr"], feed)[0]
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else -10 * math.log10(mse)
+
+
+def check_parity(model: GeminoAttention, contract: Contract, paths: tuple[Path, Path], refs_list: list[int],
+                 frames: torch.Tensor, reference_paths: tuple[Path, Path] | None = None) -> list[ParityRow]:
+    """Max abs error and PSNR of the composed graphs against torch (or, for FP16, against the FP32
+    graphs at `reference_paths`) at each reference count. `frames` [T, 3, H, W]: frame 0 is the target."""
+    encoder, frame = (ort_session(p) for p in paths)
+    baseline = tuple(ort_session(p) for p in reference_paths) if reference_paths else None
+    fp32 = Contract(contract.config, "fp32")
+    rows = []
+    target_lr = downsample(frames[:1], contract.config.scale)
+    for r in refs_list:
+        refs = frames[1 + np.arange(r) % (len(frames) - 1)]
+        if baseline:
+            want = run_pipeline(*baseline, fp32, refs.numpy(), target_lr.numpy())
+        else:
+            with torch.no_grad():
+                want = model(target_lr, refs[None]).numpy()
+        got = run_pipeline(encoder, frame, contract, refs.numpy(), target_lr.numpy())
+        rows.append(ParityRow(r, float(np.abs(got - want).max()), psnr_db(got, want)))
+    return rows
+
+
+def validation_frames(size: int, count: int, video: Path | None = None) -> tuple[torch.Tensor, str]:
+    """Frames to check numerics on: spaced frames of a real video when one is at hand, otherwise a
+    deterministic smooth synthetic sequence. Returns the frames [count, 3, size, size] and their source."""
+    from gemx.train.data import SHARED_VIDEOS, TEST_SPLIT
+
+    if video is None:
+        candidates = [SHARED_VIDEOS / f"{name}.mp4" for name in TEST_SPLIT]
+        video = next((v for v in candidates if v.exists()), None)
+    if video is not None and Path(video).exists():
+        from gemx.train.data import to_tensor
+        from gemx.video.io import read_frames, square_crop_resize
+
+        raw = read_frames(video, limit=15 * count)
+        picks = raw[np.linspace(0, len(raw) - 1, count).astype(int)]
+        return to_tensor(np.stack([square_crop_resize(f, size) for f in picks])), Path(video).name
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(count, 3, max(size // 16, 2), max(size // 16, 2), generator=g)
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    return (smooth + 0.05 * torch.rand(count, 3, size, size, generator=g)).clamp(0, 1), "synthetic frames"
