@@ -135,6 +135,30 @@ def render_export(result) -> None:
     console.print(f"wrote [bold]{result.path}[/] (refs 1..{result.manifest['refs']['max']}, opset {result.manifest['opset']})")
 
 
+@command
+def build(
+    export_dir: Annotated[Path, typer.Argument(help="directory written by `gemx export`")],
+    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 TensorRT engines (needs an NVIDIA GPU and TensorRT)")] = False,
+    refs_min: Annotated[int, typer.Option(help="smallest reference count of the engine profile")] = 1,
+    refs_opt: Annotated[int, typer.Option(help="reference count TensorRT tunes for")] = 5,
+    refs_max: Annotated[int | None, typer.Option(help="largest reference count (default: the export's max)")] = None,
+    timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache to reuse across builds")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing build")] = False,
+):
+    """Build TensorRT engines (GPU) or ORT-optimized CPU graphs, then check their accuracy against FP32 ONNX."""
+    from gemx.runtimes.build import BuildOptions
+    from gemx.runtimes.build import build as run_build
+
+    opts = BuildOptions(fp16, refs_min, refs_opt, refs_max, timing_cache, force)
+    with console.status("building") as status:
+        result = run_build(export_dir, opts, progress=lambda msg: status.update(msg))
+    if result.target == "ort-cpu":
+        console.print("no NVIDIA GPU/TensorRT here: wrote [bold]ONNX Runtime-optimized graphs for the CPU provider[/]")
+    acc = result.accuracy
+    console.print(f"wrote [bold]{result.path}[/]; accuracy vs FP32 ONNX on {acc['frames']} frames of {acc['source']} "
+                  f"at {acc['refs']} refs: PSNR {acc['psnr_db']:.1f} dB, max abs error {acc['max_abs_error']:.2e}")
+
+
 def main() -> None:
     app(prog_name="gemx")
 

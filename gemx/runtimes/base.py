@@ -1,0 +1,87 @@
+"""One session interface for every backend (after Polygraphy's runners).
+
+    with open_session("ort", export_dir) as session:
+        session.set_references(refs)      # [R, 3, H, W] float32 in [0, 1]: encoded once, cached
+        frame_hr = session(target_lr)     # [1, 3, H/s, W/s] -> [1, 3, H, W], cached keys/values reused
+
+The base class owns every check a user can fail (shapes, reference counts, call order) so that each
+backend adapter only implements `_encode` and `_decode`, and no error reaches the user from deep
+inside a runtime.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from gemx.errors import GemxError
+from gemx.exporter.contract import Contract
+
+
+class Session(ABC):
+    """Runs the split model: `set_references` once per reference set, then `__call__` per frame."""
+
+    name: str = "session"
+
+    def __init__(self, contract: Contract, max_refs: int | None):
+        self.contract = contract
+        self.max_refs = max_refs
+        self.encoder_runs = 0  # how often references were encoded: caching means once per set
+        self._kv: Any = None
+        self.num_references = 0
+
+    # -- what every backend implements ---------------------------------------------------------
+    @abstractmethod
+    def _encode(self, references: np.ndarray) -> Any:
+        """Encode references into a backend-native key/value cache."""
+
+    @abstractmethod
+    def _decode(self, target_lr: np.ndarray, kv: Any) -> np.ndarray:
+        """Run the per-frame graph on the cached keys/values; returns float32 [1, 3, H, W]."""
+
+    def kv_nbytes(self) -> int:
+        return sum(int(np.prod(s.concrete(self.num_references))) * np.dtype(s.dtype).itemsize for s in self.contract.kv)
+
+    def close(self) -> None:
+        self._kv = None
+
+    # -- the interface ---------------------------------------------------------------------------
+    def set_references(self, references: np.ndarray) -> None:
+        spec = self.contract.reference_encoder.inputs[0]
+        references = self._as_input(references, spec.concrete(len(references)) if np.ndim(references) == 4 else None,
+                                    "references", "[refs, 3, H, W]")
+        r = references.shape[0]
+        if r == 0:
+            raise GemxError("no references given; pass at least one high-resolution reference frame")
+        if self.max_refs is not None and r > self.max_refs:
+            raise GemxError(f"{r} references exceed the {self.max_refs} this {self.name} session was exported/built for; "
+                            f"use at most {self.max_refs}, or re-export with --max-refs {r} (and rebuild)")
+        self._kv = self._encode(references)
+        self.num_references = r
+        self.encoder_runs += 1
+
+    def __call__(self, target_lr: np.ndarray) -> np.ndarray:
+        if self._kv is None:
+            raise GemxError("no references set: call set_references(frames) before running frames")
+        spec = self.contract.frame.inputs[0]
+        target_lr = self._as_input(target_lr, spec.concrete(1), "target_lr", "[1, 3, h, w]")
+        return self._decode(target_lr, self._kv)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @staticmethod
+    def _as_input(x: np.ndarray, want: tuple[int, ...] | None, name: str, layout: str) -> np.ndarray:
+        x = np.asarray(x)
+        if want is None or x.shape != want:
+            raise GemxError(f"{name} must be float32 {layout} = {list(want) if want else layout}, got shape {list(x.shape)}")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def missing_backend(what: str, extra: str = "gpu") -> GemxError:
+    return GemxError(f"{what}; install it with: pip install 'gemx[{extra}]'" if extra else what)

@@ -1,0 +1,188 @@
+"""`gemx build`: turn an export directory into artifacts for the machine at hand.
+
+With an NVIDIA GPU and TensorRT: one engine per graph with an optimization profile over the refs
+axis, a reusable timing cache, and a record of what it was built for. TensorRT 10 builds FP16 from
+the FP32 graph with its (deprecated) FP16 flag; TensorRT 11 networks are strongly typed, so FP16 comes
+from the export's mixed-precision graph. Without a GPU: ORT-optimized graphs for the CPU provider.
+Every build ends with an accuracy gate against the FP32 ONNX graphs on real frames.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gemx.errors import GemxError
+from gemx.exporter.manifest import ExportDir, read_export_dir, sha256
+from gemx.exporter.validate import psnr_db, validation_frames
+from gemx.model.checkpoint import atomic_write
+from gemx.model.lr import downsample
+from gemx.runtimes.build_record import RECORD, engine_dir, write_record
+from gemx.runtimes.gpu import detect_gpu, tensorrt_version
+
+ORT_CPU_DIR = "ort_cpu"
+
+
+@dataclass
+class BuildOptions:
+    fp16: bool = False
+    refs_min: int = 1
+    refs_opt: int = 5
+    refs_max: int | None = None  # default: the export's max
+    timing_cache: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class BuildResult:
+    target: str  # "tensorrt" or "ort-cpu"
+    path: Path
+    record: dict
+    accuracy: dict = field(default_factory=dict)  # psnr_db, max_abs_error against the FP32 ONNX graphs
+
+
+def build(export_path: Path, opts: BuildOptions, progress=lambda msg: None) -> BuildResult:
+    export = read_export_dir(export_path)
+    refs_max = opts.refs_max or export.max_refs
+    if not 1 <= opts.refs_min <= opts.refs_opt <= refs_max:
+        raise GemxError(f"need 1 <= --refs-min ({opts.refs_min}) <= --refs-opt ({opts.refs_opt}) <= --refs-max ({refs_max})")
+    if refs_max > export.max_refs:
+        raise GemxError(f"--refs-max {refs_max} exceeds the {export.max_refs} references the export was validated for; "
+                        f"re-export with --max-refs {refs_max}")
+    gpu, gpu_why = detect_gpu()
+    trt, trt_why = tensorrt_version()
+    if gpu is not None and trt is not None:
+        return build_tensorrt(export, opts, refs_max, progress)
+    if opts.fp16:
+        why = gpu_why if gpu is None else trt_why
+        raise GemxError(f"FP16 engines need an NVIDIA GPU and TensorRT: {why} (pip install 'gemx[gpu]' on a GPU machine). "
+                        "Without --fp16, `gemx build` writes ORT-optimized graphs for the CPU")
+    return build_ort_cpu(export, opts, progress)
+
+
+def _claim(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise GemxError(f"{out} already holds a build; pass --force to rebuild it")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move a finished build into place in one step, so an interrupted build leaves nothing half-written."""
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResult:
+    import onnxruntime as ort
+
+    out = export.path / ORT_CPU_DIR
+    _claim(out, opts.force)
+    tmp = Path(tempfile.mkdtemp(dir=export.path, prefix=f".{ORT_CPU_DIR}.", suffix=".tmp"))
+    try:
+        graphs = {}
+        for graph in ("reference_encoder", "frame"):
+            progress(f"optimizing {graph} for the CPU provider")
+            so = ort.SessionOptions()
+            # EXTENDED, not ALL: ALL bakes in layouts tuned to this CPU's instruction set.
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            so.optimized_model_filepath = str(tmp / f"{graph}.onnx")
+            so.log_severity_level = 3
+            ort.InferenceSession(str(export.graph_path(graph)), so, providers=["CPUExecutionProvider"])
+            graphs[graph] = f"{graph}.onnx"
+        record = {
+            "target": "ort-cpu", "onnxruntime_version": ort.__version__, "precision": "fp32",
+            "cpu": platform.processor() or platform.machine(), "graphs": graphs,
+            "onnx_sha256": {g: sha256(export.graph_path(g)) for g in graphs},
+            "optimization_level": "extended",
+        }
+        write_record(tmp, record)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = BuildResult("ort-cpu", out, record)
+    progress("accuracy gate")
+    from gemx.runtimes.ort_session import OrtSession
+
+    optimized = OrtSession(export, graphs={g: out / f for g, f in graphs.items()})
+    result.accuracy = accuracy_gate(export, optimized, opts.refs_opt)
+    _update_record(out, record, result.accuracy)
+    return result
+
+
+def build_tensorrt(export: ExportDir, opts: BuildOptions, refs_max: int, progress) -> BuildResult:
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    precision = "fp16" if opts.fp16 else "fp32"
+    strongly_typed = int(trt.__version__.split(".")[0]) >= 11
+    if opts.fp16 and strongly_typed and "fp16" not in export.precisions:
+        raise GemxError(f"TensorRT {trt.__version__} builds FP16 only from a mixed-precision graph; "
+                        f"re-export with `gemx export --fp16 --force` first")
+    contract_precision = "fp16" if opts.fp16 and strongly_typed else "fp32"
+    contract = export.contract(contract_precision)
+    out = export.path / engine_dir(precision)
+    _claim(out, opts.force)
+    gpu, _ = detect_gpu()
+    tmp = Path(tempfile.mkdtemp(dir=export.path, prefix=f".{out.name}.", suffix=".tmp"))
+    engines, cache = {}, opts.timing_cache or export.path / "timing.cache"
+    try:
+        for spec in contract.graphs:
+            progress(f"building {spec.name} engine ({precision}, refs {opts.refs_min}/{opts.refs_opt}/{refs_max})")
+            profile = Profile()
+            for s in spec.inputs:
+                profile.add(s.name, min=s.concrete(opts.refs_min), opt=s.concrete(opts.refs_opt), max=s.concrete(refs_max))
+            network = NetworkFromOnnxPath(str(export.graph_path(spec.name, contract_precision)), strongly_typed=strongly_typed)
+            config = CreateConfig(fp16=opts.fp16 and not strongly_typed, profiles=[profile],
+                                  load_timing_cache=str(cache) if Path(cache).exists() else None)
+            data = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache))()
+            engines[spec.name] = f"{spec.name}.engine"
+            atomic_write(tmp / engines[spec.name], lambda p, data=data: p.write_bytes(data))
+        record = {
+            "target": "tensorrt", "tensorrt_version": trt.__version__, "precision": precision,
+            "strongly_typed": strongly_typed, "contract_precision": contract_precision,
+            "gpu": {"name": gpu.name, "compute_capability": gpu.compute_capability},
+            "profile": {"min": opts.refs_min, "opt": opts.refs_opt, "max": refs_max},
+            "engines": engines,
+            "onnx_sha256": {s.name: sha256(export.graph_path(s.name, contract_precision)) for s in contract.graphs},
+        }
+        write_record(tmp, record)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = BuildResult("tensorrt", out, record)
+    progress("accuracy gate")
+    from gemx.runtimes.trt_session import TensorRTSession
+
+    with TensorRTSession(export, precision) as session:
+        result.accuracy = accuracy_gate(export, session, opts.refs_opt)
+    _update_record(out, record, result.accuracy)
+    return result
+
+
+def accuracy_gate(export: ExportDir, session, refs: int) -> dict:
+    """Built artifact vs the FP32 ONNX graphs (ONNX Runtime CPU) on real frames."""
+    from gemx.runtimes.ort_session import OrtSession
+
+    cfg = export.config
+    frames, source = validation_frames(cfg.size, refs + 4)
+    reference = OrtSession(export)
+    refs_hr, targets = frames[:refs].numpy(), downsample(frames[refs:], cfg.scale).numpy()
+    worst_psnr, worst_err = np.inf, 0.0
+    for s in (reference, session):
+        s.set_references(refs_hr)
+    for t in targets:
+        want, got = reference(t[None]), session(t[None])
+        worst_psnr = min(worst_psnr, psnr_db(got, want))
+        worst_err = max(worst_err, float(np.abs(got - want).max()))
+    return {"psnr_db": worst_psnr, "max_abs_error": worst_err, "refs": refs, "frames": len(targets), "source": source}
+
+
+def _update_record(out: Path, record: dict, accuracy: dict) -> None:
+    record["accuracy_vs_fp32_onnx"] = accuracy
+    write_record(out, record)
+    assert (out / RECORD).exists()

@@ -1,0 +1,80 @@
+"""ONNX Runtime, with the CPU, CUDA or TensorRT execution provider.
+
+On a GPU the key/value cache stays on the device: the reference encoder's outputs are bound to
+CUDA memory with IO binding and fed to every frame without a host round trip. The TensorRT EP gets
+explicit optimization-profile shapes over the refs axis, so it never silently rebuilds an engine
+mid-stream when the reference count changes within the range.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gemx.exporter.contract import Contract
+from gemx.exporter.manifest import ExportDir
+from gemx.runtimes.base import Session, missing_backend
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def profile_shapes(contract: Contract, refs: int) -> str:
+    """`name:d0xd1x...` for every frame-graph input at `refs` references, as the TensorRT EP wants them."""
+    specs = {s.name: s for s in (*contract.frame.inputs, *contract.reference_encoder.inputs)}
+    return ",".join(f"{n}:{'x'.join(map(str, s.concrete(refs)))}" for n, s in specs.items())
+
+
+class OrtSession(Session):
+    def __init__(self, export: ExportDir, provider: str = "cpu", precision: str = "fp32", threads: int | None = None,
+                 refs_opt: int = 5, graphs: dict[str, Path] | None = None):
+        import onnxruntime as ort
+
+        super().__init__(export.contract(precision), export.max_refs)
+        self.name = f"ort-{provider}"
+        available = ort.get_available_providers()
+        if PROVIDERS[provider] not in available:
+            raise missing_backend(f"ONNX Runtime's {PROVIDERS[provider]} is not available here (have {', '.join(available)})",
+                                  "gpu" if provider != "cpu" else "")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers: list[Any] = [PROVIDERS[provider]]
+        if provider == "tensorrt":
+            cache = export.path / "ort_trt_cache"
+            providers = [(PROVIDERS["tensorrt"], {
+                "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
+                "trt_profile_min_shapes": profile_shapes(self.contract, 1),
+                "trt_profile_opt_shapes": profile_shapes(self.contract, min(refs_opt, export.max_refs)),
+                "trt_profile_max_shapes": profile_shapes(self.contract, export.max_refs),
+            }), PROVIDERS["cuda"], PROVIDERS["cpu"]]
+        elif provider == "cuda":
+            providers.append(PROVIDERS["cpu"])
+        graphs = graphs or {g: export.graph_path(g, precision) for g in ("reference_encoder", "frame")}
+        self.encoder = ort.InferenceSession(str(graphs["reference_encoder"]), opts, providers=providers)
+        self.frame = ort.InferenceSession(str(graphs["frame"]), opts, providers=providers)
+        self.on_device = provider != "cpu"
+        self.kv_names = [s.name for s in self.contract.kv]
+
+    def _encode(self, references: np.ndarray) -> Any:
+        if not self.on_device:
+            return dict(zip(self.kv_names, self.encoder.run(self.kv_names, {"references": references}), strict=True))
+        binding = self.encoder.io_binding()
+        binding.bind_cpu_input("references", references)
+        for name in self.kv_names:
+            binding.bind_output(name, "cuda")
+        self.encoder.run_with_iobinding(binding)
+        return dict(zip(self.kv_names, binding.get_outputs(), strict=True))  # OrtValues resident on the GPU
+
+    def _decode(self, target_lr: np.ndarray, kv: Any) -> np.ndarray:
+        if not self.on_device:
+            return self.frame.run(["frame_hr"], {"target_lr": target_lr, **kv})[0]
+        binding = self.frame.io_binding()
+        binding.bind_cpu_input("target_lr", target_lr)
+        for name, value in kv.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("frame_hr", "cuda")
+        self.frame.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]

@@ -1,0 +1,87 @@
+"""Open a session by runtime name; `auto` picks the fastest backend this machine has."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gemx.errors import GemxError
+from gemx.runtimes.base import Session
+
+RUNTIMES = ("torch", "ort", "ort-cuda", "ort-tensorrt", "tensorrt")
+FASTEST_FIRST = ("tensorrt", "ort-tensorrt", "ort-cuda", "ort", "torch")
+
+
+def runtime_available(runtime: str) -> tuple[bool, str]:
+    """Whether `runtime` can run here, and if not, what is missing."""
+    from gemx.runtimes.gpu import detect_gpu, tensorrt_version
+
+    if runtime in ("torch", "ort"):
+        return True, ""
+    gpu, why = detect_gpu()
+    if gpu is None:
+        return False, why
+    if runtime == "tensorrt":
+        version, why = tensorrt_version()
+        return version is not None, why
+    import onnxruntime as ort
+
+    provider = {"ort-cuda": "CUDAExecutionProvider", "ort-tensorrt": "TensorrtExecutionProvider"}[runtime]
+    ok = provider in ort.get_available_providers()
+    return ok, "" if ok else f"onnxruntime has no {provider} (pip install 'gemx[gpu]')"
+
+
+def resolve_runtime(runtime: str) -> str:
+    if runtime == "auto":
+        return next(r for r in FASTEST_FIRST if runtime_available(r)[0])
+    if runtime not in RUNTIMES:
+        raise GemxError(f"unknown runtime {runtime!r}; choose auto or one of {', '.join(RUNTIMES)}")
+    ok, why = runtime_available(runtime)
+    if not ok:
+        raise GemxError(f"runtime {runtime} is not available: {why}")
+    return runtime
+
+
+def open_session(runtime: str, export_path: Path, precision: str = "fp32", threads: int | None = None,
+                 model=None) -> Session:
+    """A session over an export directory. The torch runtime runs the export's own checkpoint, or `model`."""
+    from gemx.exporter.manifest import read_export_dir
+
+    runtime = resolve_runtime(runtime)
+    export = read_export_dir(export_path)
+    if runtime == "torch":
+        import torch
+
+        from gemx.runtimes.torch_session import TorchSession
+
+        if threads:
+            torch.set_num_threads(threads)
+        if model is None:
+            raise GemxError("the torch runtime needs the PyTorch model; pass a checkpoint")
+        return TorchSession(model, max_refs=export.max_refs)
+    if runtime == "tensorrt":
+        from gemx.runtimes.trt_session import TensorRTSession
+
+        return TensorRTSession(export, precision)
+    from gemx.runtimes.ort_session import OrtSession
+
+    provider = {"ort": "cpu", "ort-cuda": "cuda", "ort-tensorrt": "tensorrt"}[runtime]
+    graphs = None
+    if provider == "cpu" and precision == "fp32":
+        graphs = _ort_cpu_build(export)
+    return OrtSession(export, provider, precision, threads, graphs=graphs)
+
+
+def _ort_cpu_build(export) -> dict[str, Path] | None:
+    """The ORT-optimized CPU graphs from `gemx build`, when present and built from these exact graphs."""
+    from gemx.exporter.manifest import sha256
+    from gemx.runtimes.build import ORT_CPU_DIR
+    from gemx.runtimes.build_record import RECORD
+
+    path = export.path / ORT_CPU_DIR / RECORD
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if any(sha256(export.graph_path(g)) != sha for g, sha in record["onnx_sha256"].items()):
+        return None
+    return {g: export.path / ORT_CPU_DIR / f for g, f in record["graphs"].items()}

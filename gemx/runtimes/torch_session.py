@@ -1,0 +1,30 @@
+"""Eager PyTorch: the reference every other backend is compared with."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gemx.exporter.contract import Contract
+from gemx.model.network import GeminoAttention, ReferenceCache
+from gemx.runtimes.base import Session
+
+
+class TorchSession(Session):
+    name = "torch"
+
+    def __init__(self, model: GeminoAttention, device: str = "cpu", max_refs: int | None = None):
+        super().__init__(Contract(model.config), max_refs)
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+
+    @torch.inference_mode()
+    def _encode(self, references: np.ndarray) -> ReferenceCache:
+        return self.model.encode_references(torch.from_numpy(references).to(self.device))
+
+    @torch.inference_mode()
+    def _decode(self, target_lr: np.ndarray, kv: ReferenceCache) -> np.ndarray:
+        return self.model.attend_and_decode(torch.from_numpy(target_lr).to(self.device), kv).cpu().numpy()
+
+    def kv_nbytes(self) -> int:
+        return self._kv.nbytes() if self._kv is not None else 0

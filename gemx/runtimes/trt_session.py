@@ -1,0 +1,58 @@
+"""Native TensorRT engines built by `gemx build`, run through Polygraphy's TrtRunner.
+
+Before an engine is deserialized, its build record is checked against this machine (TensorRT
+version, GPU, compute capability), the export (ONNX sha256) and the requested reference count (the
+optimization profile), so the usual TensorRT failures ("Version tag does not match", "generated on
+an incompatible device", "does not satisfy any optimization profile") become one clear instruction.
+Keys and values stay on the GPU between frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gemx.errors import GemxError
+from gemx.exporter.manifest import ExportDir
+from gemx.runtimes.base import Session, missing_backend
+from gemx.runtimes.build_record import check_engine_record, read_engine_record
+
+
+class TensorRTSession(Session):
+    name = "tensorrt"
+
+    def __init__(self, export: ExportDir, precision: str = "fp16"):
+        record = read_engine_record(export, precision)
+        check_engine_record(record, export)
+        super().__init__(export.contract(record["contract_precision"]), record["profile"]["max"])
+        self.min_refs = record["profile"]["min"]
+        try:
+            from polygraphy.backend.common import BytesFromPath
+            from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        except ImportError:
+            raise missing_backend("TensorRT is not installed") from None
+        engines = export.path / record["dir"]
+        self.encoder = TrtRunner(EngineFromBytes(BytesFromPath(str(engines / record["engines"]["reference_encoder"]))))
+        self.frame = TrtRunner(EngineFromBytes(BytesFromPath(str(engines / record["engines"]["frame"]))))
+        self.encoder.activate()
+        self.frame.activate()
+
+    def set_references(self, references: np.ndarray) -> None:
+        if 0 < len(references) < self.min_refs:
+            raise GemxError(f"{len(references)} references are below this engine's profile minimum {self.min_refs}; "
+                            f"rebuild with --refs-min {len(references)}")
+        super().set_references(references)
+
+    def _encode(self, references: np.ndarray) -> Any:
+        # Device buffers owned by the encoder runner: they live until the next encode, which replaces them anyway.
+        return dict(self.encoder.infer({"references": references}, copy_outputs_to_host=False))
+
+    def _decode(self, target_lr: np.ndarray, kv: Any) -> np.ndarray:
+        return self.frame.infer({"target_lr": target_lr, **kv})["frame_hr"]
+
+    def close(self) -> None:
+        super().close()
+        for runner in (self.encoder, self.frame):
+            if runner.is_active:
+                runner.deactivate()

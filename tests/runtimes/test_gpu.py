@@ -1,0 +1,45 @@
+"""GPU suite: runs where an NVIDIA GPU with TensorRT is present (the `device` machine), skips elsewhere."""
+
+import numpy as np
+import pytest
+
+from gemx.exporter.manifest import read_export_dir
+from gemx.model.lr import downsample
+from gemx.runtimes.build import BuildOptions, build
+from gemx.runtimes.registry import open_session, runtime_available
+from tests.conftest import frames
+
+trt_ok, trt_why = runtime_available("tensorrt")
+cuda_ok, cuda_why = runtime_available("ort-cuda")
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.skipif(not trt_ok, reason=f"needs an NVIDIA GPU with TensorRT: {trt_why}")
+@pytest.mark.parametrize("fp16", [False, True])
+def test_engines_build_and_match_ort_at_refs_1_to_10(tiny_export, tmp_path, fp16):
+    import shutil
+
+    copy = tmp_path / "e.export"
+    shutil.copytree(tiny_export.path, copy)
+    result = build(copy, BuildOptions(fp16=fp16, refs_min=1, refs_opt=5, refs_max=10))
+    assert result.accuracy["psnr_db"] > (50 if fp16 else 80)
+    cfg = read_export_dir(copy).config
+    target = downsample(frames(1, cfg.size, seed=9), cfg.scale).numpy()
+    trt, ort = open_session("tensorrt", copy, precision="fp16" if fp16 else "fp32"), open_session("ort", copy)
+    for refs in range(1, 11):
+        r = frames(refs, cfg.size, seed=refs).numpy()
+        trt.set_references(r)
+        ort.set_references(r)
+        np.testing.assert_allclose(trt(target), ort(target), atol=2e-2 if fp16 else 1e-3)
+
+
+@pytest.mark.skipif(not cuda_ok, reason=f"needs onnxruntime-gpu with CUDA: {cuda_why}")
+def test_ort_cuda_keeps_kv_on_device_and_matches_cpu(tiny_export):
+    cfg = read_export_dir(tiny_export.path).config
+    refs, target = frames(3, cfg.size).numpy(), downsample(frames(1, cfg.size, 2), cfg.scale).numpy()
+    outs = []
+    for runtime in ("ort-cuda", "ort"):
+        s = open_session(runtime, tiny_export.path)
+        s.set_references(refs)
+        outs.append(s(target))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-3)
