@@ -1,0 +1,92 @@
+"""Render a profile: a rich table grouped like the paper's Table 3, JSON, CSV and a latency plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from rich.table import Table
+
+from gemx.model.checkpoint import atomic_write
+from gemx.profiles.sweep import ProfileResult, ProfileRow
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def table(result: ProfileResult) -> Table:
+    m = result.machine
+    where = m["gpu"]["name"] if m["gpu"] else f"{m['cpu']}, {m['threads']} threads"
+    t = Table(title=f"per-frame cost, {where} (ms; references encoded once per set)")
+    for col, justify in (("block", "right"), ("runtime", "left"), ("refs", "right"), ("frame p50", "right"),
+                         ("p90", "right"), ("fps", "right"), ("encode refs", "right"), ("naive p50", "right"),
+                         ("vs naive", "right"), ("KV cache MB", "right"), ("peak MB", "right"), ("frame GFLOPs", "right")):
+        t.add_column(col, justify=justify)
+    by_key: dict[tuple, dict[str, ProfileRow]] = {}
+    for r in result.rows:
+        key = (r.block_size, r.runtime if r.stage != "naive" else "naive", r.refs)
+        by_key.setdefault(key, {})[r.stage] = r
+    naive = {(b, refs): rows["naive"] for (b, rt, refs), rows in by_key.items() if rt == "naive"}
+    last_group = None
+    for (block, runtime, refs), rows in by_key.items():
+        if runtime == "naive":
+            continue
+        f, e, n = rows.get("frame"), rows.get("encode"), naive.get((block, refs))
+        if last_group is not None and last_group != (block, runtime):
+            t.add_section()
+        last_group = (block, runtime)
+        t.add_row(f"{block}x{block}", f"{runtime} {f.precision}", str(refs), f"{f.p50_ms:.2f}",
+                  f"{f.p90_ms:.2f}", f"{f.fps:.1f}", f"{e.p50_ms:.1f}" if e else "-",
+                  f"{n.p50_ms:.1f}" if n else "-", f"{f.p50_ms / n.p50_ms:.2f}x" if n else "-", _mb(f.kv_cache_bytes),
+                  _mb(f.peak_memory_bytes), f"{f.flops / 1e9:.2f}")
+    return t
+
+
+def write_json(result: ProfileResult, path: Path) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n"))
+
+
+def write_csv(result: ProfileResult, path: Path) -> None:
+    machine = {"cpu": result.machine["cpu"], "threads": result.machine["threads"],
+               "gpu": (result.machine["gpu"] or {}).get("name", ""), **{f"{k}_version": v for k, v in result.machine["versions"].items()}}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(ProfileRow)] + list(machine))
+            w.writeheader()
+            for r in result.rows:
+                w.writerow({**asdict(r), **machine})
+
+    atomic_write(path, write)
+
+
+def plot(result: ProfileResult, path: Path) -> None:
+    """Per-frame p50 latency vs reference count, one line per block size and runtime."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for r in result.rows:
+        if r.stage in ("frame", "naive"):
+            label = f"{r.block_size}x{r.block_size} {r.runtime} {r.precision}"
+            if r.stage == "naive":
+                label += " naive (re-encode every frame)"
+            lines.setdefault(label, []).append((r.refs, r.p50_ms))
+    for label, pts in lines.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if "naive" in label else "-", label=label)
+    m = result.machine
+    ax.set(xlabel="references", ylabel="per-frame latency, p50 (ms)",
+           title=f"gemx profile on {m['gpu']['name'] if m['gpu'] else m['cpu']}")
+    ax.set_xticks(sorted({r.refs for r in result.rows}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    plt.close(fig)

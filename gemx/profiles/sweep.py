@@ -1,0 +1,191 @@
+"""`gemx profile`: what each reference count, block size and runtime costs, measured.
+
+For each block size the checkpoint is exported (into a cache, reused across runs) and built for
+this machine; for each runtime and reference count the one-time reference encoding and the
+per-frame attend+decode step are timed separately, with the KV cache size, peak memory and the
+graph's FLOPs. A "naive" row times the full PyTorch model re-encoding the references every frame,
+as a user without the split would run it. Ctrl-C stops the sweep and keeps the rows measured so far.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gemx.errors import GemxError
+from gemx.exporter.export import ExportOptions, export, with_block_size
+from gemx.exporter.manifest import MANIFEST, read_export_dir
+from gemx.model.checkpoint import load_checkpoint
+from gemx.model.lr import downsample
+from gemx.profiles.flops import graph_cost
+from gemx.profiles.machine import machine_info
+from gemx.profiles.measure import device_memory_used, peak_rss_delta, time_calls
+from gemx.runtimes.registry import open_session, resolve_runtime
+
+
+@dataclass
+class ProfileOptions:
+    refs: list[int] = field(default_factory=lambda: [1, 2, 5, 10])
+    block_sizes: list[int] | None = None  # default: the checkpoint's and twice it
+    runtimes: list[str] = field(default_factory=lambda: ["torch", "ort"])
+    fp16: bool = False
+    warmup: int = 3
+    iters: int = 20
+    seconds: float | None = None
+    threads: int | None = None
+    cache_dir: Path | None = None
+    naive: bool = True
+
+
+@dataclass
+class ProfileRow:
+    block_size: int
+    runtime: str
+    precision: str
+    refs: int
+    stage: str  # "encode" (once per reference set), "frame" (per frame), "naive" (full model per frame)
+    min_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    fps: float
+    iters: int
+    peak_memory_bytes: int | None
+    memory_kind: str  # "rss delta" on the CPU, "device" on a GPU
+    kv_cache_bytes: int
+    flops: int
+    params: int
+
+
+@dataclass
+class ProfileResult:
+    rows: list[ProfileRow]
+    machine: dict
+    checkpoint: str
+    interrupted: bool = False
+
+    def to_dict(self) -> dict:
+        return {"checkpoint": self.checkpoint, "machine": self.machine, "interrupted": self.interrupted,
+                "rows": [asdict(r) for r in self.rows]}
+
+
+def default_block_sizes(block: int, level: int) -> list[int]:
+    return [block] + ([block * 2] if level % (block * 2) == 0 else [])
+
+
+def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, advance=0: None,
+            on_total=lambda total: None) -> ProfileResult:
+    exports, model = _exports_for(source, opts, progress)
+    runtimes = [resolve_runtime(r) for r in opts.runtimes]
+    precision = "fp16" if opts.fp16 else "fp32"
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    max_refs = max(opts.refs)
+    result = ProfileResult([], machine_info(opts.threads), str(source or "shipped default checkpoint"))
+    on_total(len(exports) * len(opts.refs) * (len(runtimes) + opts.naive))
+    try:
+        for block, path in exports.items():
+            export_dir = read_export_dir(path)
+            if max_refs > export_dir.max_refs:
+                raise GemxError(f"--refs up to {max_refs} exceeds the export's {export_dir.max_refs}")
+            cfg = export_dir.config
+            frames = torch.rand(max_refs + 1, 3, cfg.size, cfg.size, generator=torch.Generator().manual_seed(0))
+            target = downsample(frames[:1], cfg.scale).numpy()
+            block_model = with_block_size(model, block) if model is not None else None
+            for runtime in runtimes:
+                prec = precision if runtime != "torch" else "fp32"
+                session = open_session(runtime, path, prec, opts.threads, model=block_model)
+                mem_kind = "rss delta" if runtime in ("torch", "ort") else "device"
+                for refs in opts.refs:
+                    progress(f"b{block} {runtime} {refs} refs")
+                    refs_hr = frames[1:refs + 1].numpy()
+                    costs = {g: graph_cost(export_dir.graph_path(g), refs) for g in ("reference_encoder", "frame")}
+                    encode, frame, memory = _measure(session, refs_hr, target, opts, mem_kind)
+                    kv = session.kv_nbytes()
+                    for stage, t, cost in (("encode", encode, costs["reference_encoder"]), ("frame", frame, costs["frame"])):
+                        result.rows.append(ProfileRow(block, runtime, prec, refs, stage, t.min_ms, t.p50_ms, t.p90_ms, t.p99_ms,
+                                                      t.fps, t.iters, memory, mem_kind, kv, cost["flops"], cost["params"]))
+                    progress(f"b{block} {runtime} {refs} refs", advance=1)
+                session.close()
+            if opts.naive and block_model is not None:
+                for refs in opts.refs:
+                    result.rows.append(_naive_row(block_model, block, refs, frames, target, opts, exports[block]))
+                    progress(f"b{block} naive {refs} refs", advance=1)
+    except KeyboardInterrupt:
+        result.interrupted = True
+    return result
+
+
+def _measure(session, refs_hr: np.ndarray, target: np.ndarray, opts: ProfileOptions, mem_kind: str):
+    """(encode timing, per-frame timing, peak memory of one encode + frame) for one session and reference set."""
+    encode = time_calls(lambda: session.set_references(refs_hr), 1, max(3, opts.iters // 4))
+    frame = time_calls(lambda: session(target), opts.warmup, opts.iters, opts.seconds)
+    memory = _peak_memory(mem_kind, lambda: (session.set_references(refs_hr), session(target)))
+    return encode, frame, memory
+
+
+def _peak_memory(kind: str, fn) -> int | None:
+    if kind == "device":
+        before = device_memory_used()
+        fn()
+        after = device_memory_used()
+        return None if before is None or after is None else max(after - before, 0)
+    return peak_rss_delta(fn)
+
+
+@torch.inference_mode()
+def _naive_row(model, block: int, refs: int, frames: torch.Tensor, target: np.ndarray, opts: ProfileOptions,
+               path: Path) -> ProfileRow:
+    refs_hr, lr = frames[1:refs + 1][None], torch.from_numpy(target)
+    t = time_calls(lambda: model(lr, refs_hr), 1, max(3, opts.iters // 4), opts.seconds)
+    export_dir = read_export_dir(path, verify=False)
+    flops = sum(graph_cost(export_dir.graph_path(g), refs)["flops"] for g in ("reference_encoder", "frame"))
+    memory = peak_rss_delta(lambda: model(lr, refs_hr))
+    params = sum(p.numel() for p in model.parameters())
+    return ProfileRow(block, "torch", "fp32", refs, "naive", t.min_ms, t.p50_ms, t.p90_ms, t.p99_ms, t.fps, t.iters,
+                      memory, "rss delta", 0, flops, params)
+
+
+def _exports_for(source: Path | None, opts: ProfileOptions, progress) -> tuple[dict[int, Path], object]:
+    """{block size: export dir}; exports (and builds for the CPU) into the cache when needed.
+
+    `source` is a checkpoint (exported per block size) or an export directory (profiled as it is).
+    """
+    if source is not None and Path(source).is_dir():
+        export_dir = read_export_dir(source)
+        if opts.block_sizes and opts.block_sizes != [export_dir.config.block_size]:
+            raise GemxError("an export directory has one block size; profile a checkpoint to sweep block sizes")
+        model = None
+        if "torch" in opts.runtimes or opts.naive:
+            raise GemxError("the torch runtime and the naive row need the checkpoint; pass the .pt file, or --runtime ort --no-naive")
+        return {export_dir.config.block_size: Path(source)}, model
+    ckpt = load_checkpoint(source)
+    cfg = ckpt.config
+    blocks = opts.block_sizes or default_block_sizes(cfg.block_size, cfg.level_sizes[-1])
+    digest = hashlib.sha256(ckpt.path.read_bytes()).hexdigest()[:12]
+    cache = opts.cache_dir or Path.home() / ".cache" / "gemx" / "exports"
+    exports = {}
+    for block in blocks:
+        out = cache / f"{ckpt.path.stem}-{digest}-b{block}-r{max(opts.refs)}{'-fp16' if opts.fp16 else ''}"
+        if not (out / MANIFEST).exists():
+            progress(f"exporting block size {block}")
+            export(ckpt.path, ExportOptions(out=out, block_size=block, max_refs=max(max(opts.refs), 2), fp16=opts.fp16, force=True))
+            _build_for_machine(out, opts, progress)
+        exports[block] = out
+    return exports, ckpt.model
+
+
+def _build_for_machine(out: Path, opts: ProfileOptions, progress) -> None:
+    """TensorRT engines where TensorRT runs and is asked for; ORT-optimized CPU graphs on a CPU machine."""
+    from gemx.runtimes.build import BuildOptions, build
+    from gemx.runtimes.registry import runtime_available
+
+    has_trt = runtime_available("tensorrt")[0]
+    if has_trt and "tensorrt" not in opts.runtimes:
+        return
+    progress("building")
+    build(out, BuildOptions(fp16=opts.fp16 and has_trt, refs_max=max(max(opts.refs), 2), refs_opt=min(5, max(opts.refs)), force=True))

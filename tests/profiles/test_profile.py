@@ -1,0 +1,98 @@
+import csv
+import json
+
+import pytest
+
+from gemx import GemxError
+from gemx.profiles.measure import time_calls
+from gemx.profiles.sweep import ProfileOptions, profile
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory):
+    import torch
+
+    from gemx.model import build_model, preset, save_checkpoint
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("profile")
+    save_checkpoint(root / "tiny.pt", build_model(preset("tiny")))
+    opts = ProfileOptions(refs=[1, 3], block_sizes=[2, 4], runtimes=["torch", "ort"], warmup=1, iters=3, cache_dir=root / "cache")
+    return root, profile(root / "tiny.pt", opts)
+
+
+def test_every_requested_combination_is_measured(tiny_profile):
+    _, result = tiny_profile
+    got = {(r.block_size, r.runtime, r.refs, r.stage) for r in result.rows}
+    want = {(b, rt, n, s) for b in (2, 4) for rt in ("torch", "ort") for n in (1, 3) for s in ("encode", "frame")}
+    want |= {(b, "torch", n, "naive") for b in (2, 4) for n in (1, 3)}
+    assert got == want
+
+
+def test_figures_are_sane(tiny_profile):
+    _, result = tiny_profile
+    for r in result.rows:
+        assert 0 < r.min_ms <= r.p50_ms <= r.p90_ms <= r.p99_ms, r
+        assert r.flops > 0 and r.params > 0
+    frame = {(r.block_size, r.runtime, r.refs): r for r in result.rows if r.stage == "frame"}
+    # The KV cache grows linearly with the reference count; per-frame FLOPs grow with it too.
+    assert frame[(4, "ort", 3)].kv_cache_bytes == 3 * frame[(4, "ort", 1)].kv_cache_bytes
+    assert frame[(4, "ort", 3)].flops > frame[(4, "ort", 1)].flops
+    assert frame[(4, "torch", 3)].kv_cache_bytes == frame[(4, "ort", 3)].kv_cache_bytes
+    assert result.machine["cpu"] and result.machine["versions"]["onnxruntime"]
+
+
+def test_outputs_json_csv_plot(tiny_profile, tmp_path):
+    from gemx.profiles import report
+
+    _, result = tiny_profile
+    report.write_json(result, tmp_path / "p.json")
+    report.write_csv(result, tmp_path / "p.csv")
+    report.plot(result, tmp_path / "p.png")
+    assert len(json.loads((tmp_path / "p.json").read_text())["rows"]) == len(result.rows)
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(result.rows) and rows[0]["cpu"]
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_exports_are_cached_between_runs(tiny_profile):
+    root, _ = tiny_profile
+    manifests = sorted((root / "cache").glob("*/manifest.json"))
+    assert len(manifests) == 2
+    stamps = [m.stat().st_mtime_ns for m in manifests]
+    profile(root / "tiny.pt", ProfileOptions(refs=[1, 3], block_sizes=[2, 4], runtimes=["ort"], warmup=0, iters=1,
+                                             cache_dir=root / "cache", naive=False))
+    assert [m.stat().st_mtime_ns for m in manifests] == stamps
+
+
+def test_ctrl_c_keeps_finished_rows(tiny_profile, monkeypatch):
+    root, _ = tiny_profile
+    import gemx.profiles.sweep as sweep
+
+    calls = {"n": 0}
+    real = sweep.time_calls
+
+    def interrupt_late(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep, "time_calls", interrupt_late)
+    result = profile(root / "tiny.pt", ProfileOptions(refs=[1, 3], block_sizes=[4], runtimes=["ort"], warmup=0, iters=1,
+                                                      cache_dir=root / "cache"))
+    assert result.interrupted and len(result.rows) == 4
+
+
+def test_bad_arguments_are_clear_errors(tiny_profile):
+    root, _ = tiny_profile
+    with pytest.raises(GemxError, match="unknown runtime 'onnx'"):
+        profile(root / "tiny.pt", ProfileOptions(runtimes=["onnx"], cache_dir=root / "cache"))
+    with pytest.raises(GemxError, match="block size 3 does not divide"):
+        profile(root / "tiny.pt", ProfileOptions(block_sizes=[3], cache_dir=root / "cache"))
+
+
+def test_time_calls_counts_and_orders_percentiles():
+    t = time_calls(lambda: sum(range(1000)), warmup=2, iters=7)
+    assert t.iters == 7 and t.min_ms <= t.p50_ms <= t.p99_ms and t.fps > 0
