@@ -8,6 +8,15 @@ from gemx.model import build_model, preset, save_checkpoint
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Exports and frame caches go to a temporary directory, never the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GEMX_CACHE", str(tmp_path_factory.mktemp("gemx-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -9,7 +9,6 @@ as a user without the split would run it. Ctrl-C stops the sweep and keeps the r
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,8 +16,9 @@ import numpy as np
 import torch
 
 from gemx.errors import GemxError
-from gemx.exporter.export import ExportOptions, export, with_block_size
-from gemx.exporter.manifest import MANIFEST, read_export_dir
+from gemx.exporter.cache import cached_export
+from gemx.exporter.export import with_block_size
+from gemx.exporter.manifest import read_export_dir
 from gemx.model.checkpoint import load_checkpoint
 from gemx.model.lr import downsample
 from gemx.profiles.flops import graph_cost
@@ -165,17 +165,12 @@ def _exports_for(source: Path | None, opts: ProfileOptions, progress) -> tuple[d
         return {export_dir.config.block_size: Path(source)}, model
     ckpt = load_checkpoint(source)
     cfg = ckpt.config
-    blocks = opts.block_sizes or default_block_sizes(cfg.block_size, cfg.level_sizes[-1])
-    digest = hashlib.sha256(ckpt.path.read_bytes()).hexdigest()[:12]
-    cache = opts.cache_dir or Path.home() / ".cache" / "gemx" / "exports"
     exports = {}
-    for block in blocks:
-        out = cache / f"{ckpt.path.stem}-{digest}-b{block}-r{max(opts.refs)}{'-fp16' if opts.fp16 else ''}"
-        if not (out / MANIFEST).exists():
-            progress(f"exporting block size {block}")
-            export(ckpt.path, ExportOptions(out=out, block_size=block, max_refs=max(max(opts.refs), 2), fp16=opts.fp16, force=True))
-            _build_for_machine(out, opts, progress)
-        exports[block] = out
+    for block in opts.block_sizes or default_block_sizes(cfg.block_size, cfg.level_sizes[-1]):
+        with_block_size(ckpt.model, block)  # a block size that does not fit fails here, before any export
+        exports[block], fresh = cached_export(ckpt, block, max(opts.refs), opts.fp16, opts.cache_dir, progress)
+        if fresh:
+            _build_for_machine(exports[block], opts, progress)
     return exports, ckpt.model
 
 

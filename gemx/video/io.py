@@ -81,12 +81,40 @@ def square_crop_resize(frame: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(crop).resize((size, size), Image.LANCZOS))
 
 
+CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
+
+
 def write_video(path: Path, frames: Iterator[np.ndarray], fps: Fraction, audio_from: Path | None = None) -> int:
-    """Encode RGB frames as H.264 (yuv420p), copying the audio stream of `audio_from` if it has one."""
+    """Encode RGB frames as H.264 (yuv420p) into `path` atomically, copying the audio of `audio_from` if any.
+
+    Returns the number of frames written; nothing is left at `path` when no frame came.
+    """
+    from gemx.model.checkpoint import atomic_write
+
+    count = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal count
+        count = _encode(tmp, CONTAINERS[Path(path).suffix.lower()], frames, fps, audio_from)
+        if count == 0:
+            raise _NoFrames
+
+    try:
+        atomic_write(Path(path), write)
+    except _NoFrames:
+        return 0
+    return count
+
+
+class _NoFrames(Exception):
+    pass
+
+
+def _encode(path: Path, container: str, frames: Iterator[np.ndarray], fps: Fraction, audio_from: Path | None) -> int:
     import av
 
     count = 0
-    with av.open(str(path), mode="w") as out:
+    with av.open(str(path), mode="w", format=container) as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18"}

@@ -1,0 +1,168 @@
+"""`gemx upscale`: a low-resolution stream plus a few HR reference frames -> a high-resolution stream.
+
+Frame geometry: the model works on square frames of its own size. Every input frame is centre-cropped
+to a square and resized (Lanczos) to the model's LR size (or, with --simulate, to its HR size before
+the LR stream is synthesised); references are cropped and resized the same way to the HR size. The
+output is the model's HR size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gemx.errors import GemxError
+from gemx.metrics import psnr, ssim_db
+from gemx.model.checkpoint import load_checkpoint
+from gemx.model.lr import downsample, upsample_bicubic
+from gemx.train.data import to_tensor, to_uint8
+from gemx.video.io import iter_frames, probe, square_crop_resize, write_video
+from gemx.video.references import select_diverse
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass
+class UpscaleOptions:
+    references: Path | None = None  # images, a directory of images, or a video; with --simulate: the input itself
+    refs: int = 5
+    runtime: str = "auto"
+    simulate: bool = False
+    side_by_side: bool = False
+    force: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class UpscaleResult:
+    output: Path
+    frames: int
+    fps: Fraction
+    size: int
+    runtime: str
+    reference_indices: list[int]
+    reference_source: str
+    encoder_runs: int
+    metrics: dict = field(default_factory=dict)  # with --simulate: {"gemx": {...}, "bicubic": {...}}
+
+
+def upscale(input_path: Path, output: Path, opts: UpscaleOptions, ckpt_path: Path | None = None,
+            progress=lambda done, total: None, status=lambda msg: None) -> UpscaleResult:
+    input_path, output = Path(input_path), Path(output)
+    as_frames = output.suffix == ""
+    _check_output(output, opts.force)
+    info = probe(input_path)
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = ckpt.config
+    hr_frames = None
+    if opts.simulate:
+        status("reading the high-resolution input")
+        hr_frames = [square_crop_resize(f, cfg.size) for f in iter_frames(input_path)]
+        if not hr_frames:
+            raise GemxError(f"{input_path} contains no decodable frames")
+        ref_pool, ref_source = hr_frames, f"{input_path.name} (simulated receiver)"
+    else:
+        if opts.references is None:
+            raise GemxError("upscaling needs high-resolution references of the same person: pass --references "
+                            "(images, a folder of images, or a video), or --simulate to make the LR stream from an HR video")
+        ref_pool, ref_source = _read_references(Path(opts.references), cfg.size), str(opts.references)
+    indices = select_diverse(ref_pool, opts.refs)
+    references = to_tensor(np.stack([ref_pool[i] for i in indices])).numpy()
+
+    status("preparing the runtime")
+    session = _open(ckpt, opts, len(indices), status)
+    session.set_references(references)
+    total = len(hr_frames) if hr_frames is not None else info.frames
+    scores: dict[str, dict[str, list[float]]] = {"gemx": {"psnr": [], "ssim_db": []}, "bicubic": {"psnr": [], "ssim_db": []}}
+
+    def results() -> Iterator[np.ndarray]:
+        source = hr_frames if hr_frames is not None else (square_crop_resize(f, cfg.lr_size) for f in iter_frames(input_path))
+        for i, frame in enumerate(source):
+            if hr_frames is not None:
+                lr = downsample(to_tensor(frame)[None], cfg.scale)
+            else:
+                lr = to_tensor(frame)[None]
+            out = torch.from_numpy(session(lr.numpy()))
+            bicubic = upsample_bicubic(lr, cfg.scale)
+            result, bicubic_u8 = to_uint8(out)[0], to_uint8(bicubic)[0]
+            if hr_frames is not None:
+                _score(scores, frame, result, bicubic_u8)
+            progress(i + 1, total)
+            panels = [bicubic_u8, result] + ([frame] if hr_frames is not None else [])
+            yield np.concatenate(panels, axis=1) if opts.side_by_side else result
+
+    count = _write(output, results(), info.fps, None if as_frames else input_path, as_frames)
+    if count == 0:
+        raise GemxError(f"{input_path} contains no decodable frames")
+    metrics = {k: {m: float(np.mean(v)) for m, v in s.items()} for k, s in scores.items()} if opts.simulate else {}
+    return UpscaleResult(output, count, info.fps, cfg.size, session.name, indices, ref_source, session.encoder_runs, metrics)
+
+
+def _score(scores: dict, original: np.ndarray, result: np.ndarray, bicubic: np.ndarray) -> None:
+    """PSNR/SSIM-dB of the frames as written (uint8) against the original HR frame."""
+    ref = to_tensor(original)[None]
+    for name, img in (("gemx", result), ("bicubic", bicubic)):
+        x = to_tensor(img)[None]
+        scores[name]["psnr"].append(float(psnr(x, ref)[0]))
+        scores[name]["ssim_db"].append(float(ssim_db(x, ref)[0]))
+
+
+def _open(ckpt, opts: UpscaleOptions, refs: int, status):
+    from gemx.exporter.cache import cached_export
+    from gemx.runtimes.registry import open_session, resolve_runtime
+
+    runtime = resolve_runtime(opts.runtime)
+    if runtime == "torch":
+        from gemx.runtimes.torch_session import TorchSession
+
+        return TorchSession(ckpt.model)
+    path, _ = cached_export(ckpt, ckpt.config.block_size, max(refs, 10), progress=status)
+    return open_session(runtime, path, threads=opts.threads, model=ckpt.model)
+
+
+def _read_references(path: Path, size: int) -> list[np.ndarray]:
+    from PIL import Image
+
+    if not path.exists():
+        raise GemxError(f"references {path} do not exist")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    if path.is_dir() and not files:
+        raise GemxError(f"{path} holds no reference images ({', '.join(IMAGE_SUFFIXES)})")
+    if len(files) == 1 and files[0].suffix.lower() not in IMAGE_SUFFIXES:
+        frames = [square_crop_resize(f, size) for f in iter_frames(files[0])]
+        if not frames:
+            raise GemxError(f"reference video {path} contains no decodable frames")
+        return frames
+    out = []
+    for f in files:
+        try:
+            out.append(square_crop_resize(np.asarray(Image.open(f).convert("RGB")), size))
+        except OSError as e:
+            raise GemxError(f"cannot read reference image {f}: {e}") from None
+    return out
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise GemxError(f"{output} already exists; pass --force to replace it or choose another output")
+    if output.suffix and output.suffix.lower() not in (".mp4", ".mkv", ".mov"):
+        raise GemxError(f"output {output} must be a video (.mp4, .mkv, .mov) or a directory for PNG frames")
+
+
+def _write(output: Path, frames: Iterator[np.ndarray], fps: Fraction, audio_from: Path | None, as_frames: bool) -> int:
+    if not as_frames:
+        return write_video(output, frames, fps, audio_from=audio_from)
+    from PIL import Image
+
+    output.mkdir(parents=True, exist_ok=True)
+    for old in output.glob("frame_*.png"):  # --force: no stale frames from a longer earlier run
+        old.unlink()
+    count = 0
+    for count, frame in enumerate(frames, start=1):
+        Image.fromarray(frame).save(output / f"frame_{count - 1:05d}.png")
+    return count

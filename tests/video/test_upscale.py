@@ -1,0 +1,100 @@
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gemx import GemxError
+from gemx.metrics import psnr, ssim_db
+from gemx.train.data import to_tensor
+from gemx.video.io import probe, read_frames, write_video
+from gemx.video.references import select_diverse
+from gemx.video.upscale import UpscaleOptions, upscale
+
+
+def clip(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """A moving smooth pattern: a face-sized blob drifting over a gradient."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    frames = []
+    for t in range(n):
+        cx, cy = 0.5 + 0.2 * np.sin(t / 4), 0.5 + 0.1 * np.cos(t / 5)
+        blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) * 20)
+        rgb = np.stack([blob, 0.5 * x + 0.3 * blob, y * (1 - blob)], -1) + rng.normal(0, 0.02, (size, size, 3))
+        frames.append((rgb.clip(0, 1) * 255).astype(np.uint8))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("video")
+    write_video(root / "hr.mp4", iter(clip(24, 64)), Fraction(12))
+    write_video(root / "lr.mp4", iter([f[::4, ::4] for f in clip(10, 64, seed=1)]), Fraction(15))
+    refs = root / "refs"
+    refs.mkdir()
+    for i, f in enumerate(clip(40, 64, seed=2)[::10]):
+        Image.fromarray(f).save(refs / f"ref{i}.png")
+    return root
+
+
+def test_simulate_metrics_equal_a_direct_computation(videos, tiny_ckpt, tmp_path):
+    out = tmp_path / "frames"
+    result = upscale(videos / "hr.mp4", out, UpscaleOptions(simulate=True, refs=2, runtime="ort"), tiny_ckpt)
+    assert result.frames == 24 and result.encoder_runs == 1 and len(result.reference_indices) == 2
+    written = sorted(out.glob("frame_*.png"))
+    assert len(written) == 24
+    got = to_tensor(np.stack([np.asarray(Image.open(p)) for p in written]))
+    original = to_tensor(read_frames(videos / "hr.mp4"))
+    assert got.shape == original.shape == (24, 3, 64, 64)
+    assert result.metrics["gemx"]["psnr"] == pytest.approx(float(psnr(got, original).mean()), abs=1e-4)
+    assert result.metrics["gemx"]["ssim_db"] == pytest.approx(float(ssim_db(got, original).mean()), abs=1e-4)
+    assert result.metrics["bicubic"]["psnr"] > 10
+
+
+def test_lr_video_with_reference_images_keeps_count_fps_and_upscales(videos, tiny_ckpt, tmp_path):
+    out = tmp_path / "out.mp4"
+    result = upscale(videos / "lr.mp4", out, UpscaleOptions(references=videos / "refs", refs=3, runtime="torch"), tiny_ckpt)
+    info = probe(out)
+    assert (info.width, info.height, info.fps) == (64, 64, Fraction(15))
+    assert len(read_frames(out)) == 10 == result.frames
+    assert result.encoder_runs == 1
+
+
+def test_side_by_side_has_three_panels(videos, tiny_ckpt, tmp_path):
+    out = tmp_path / "sbs"
+    upscale(videos / "hr.mp4", out, UpscaleOptions(simulate=True, refs=1, side_by_side=True), tiny_ckpt)
+    assert np.asarray(Image.open(out / "frame_00000.png")).shape == (64, 192, 3)
+
+
+def test_errors_are_clear(videos, tiny_ckpt, tmp_path):
+    existing = tmp_path / "exists.mp4"
+    existing.write_bytes(b"mine")
+    with pytest.raises(GemxError, match="already exists; pass --force"):
+        upscale(videos / "hr.mp4", existing, UpscaleOptions(simulate=True), tiny_ckpt)
+    assert existing.read_bytes() == b"mine"
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    with pytest.raises(GemxError, match=r"cannot read video .*bad\.mp4"):
+        upscale(bad, tmp_path / "o.mp4", UpscaleOptions(simulate=True), tiny_ckpt)
+    with pytest.raises(GemxError, match="needs high-resolution references"):
+        upscale(videos / "lr.mp4", tmp_path / "o.mp4", UpscaleOptions(), tiny_ckpt)
+    with pytest.raises(GemxError, match="do not exist"):
+        upscale(videos / "lr.mp4", tmp_path / "o.mp4", UpscaleOptions(references=tmp_path / "none"), tiny_ckpt)
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_reference_selection_is_diverse_and_spaced():
+    frames = clip(90, 32)
+    picked = select_diverse(frames, 5)
+    assert len(picked) == 5 and picked[0] == 0
+    assert min(np.diff(picked)) >= 15
+    assert select_diverse(frames[:5], 3) == sorted(set(select_diverse(frames[:5], 3)))  # short clips still give 3
+
+
+def test_torch_and_session_outputs_match_for_the_same_frames(videos, tiny_ckpt, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    upscale(videos / "hr.mp4", a, UpscaleOptions(simulate=True, refs=2, runtime="torch"), tiny_ckpt)
+    upscale(videos / "hr.mp4", b, UpscaleOptions(simulate=True, refs=2, runtime="ort"), tiny_ckpt)
+    fa = np.asarray(Image.open(a / "frame_00010.png"), dtype=int)
+    fb = np.asarray(Image.open(b / "frame_00010.png"), dtype=int)
+    assert np.abs(fa - fb).max() <= 1
