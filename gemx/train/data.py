@@ -103,7 +103,7 @@ class ReferencePairs:
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] in [0, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255)
+    t = torch.from_numpy(np.array(frames, dtype=np.float32)).div_(255)  # a copy: cached frames are read-only
     return t.movedim(-1, -3).contiguous()
 
 

@@ -87,7 +87,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, videos: list[Path], out: 
     elapsed_before = 0.0
     if out.exists():
         elapsed_before = load_checkpoint(out).meta.get("train", {}).get("wall_seconds", 0.0)
-    step = start
+    done = start  # optimizer steps completed: what a checkpoint records and a resume continues from
 
     def checkpoint(done: int) -> None:
         meta["train"].update(steps_done=done, wall_seconds=elapsed_before + time.monotonic() - wall)
@@ -105,13 +105,14 @@ def train(model_config: ModelConfig, cfg: TrainConfig, videos: list[Path], out: 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            done = step + 1
             if progress:
-                progress(step + 1, cfg.steps, loss.item())
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                checkpoint(step + 1)
+                progress(done, cfg.steps, loss.item())
+            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                checkpoint(done)
         checkpoint(cfg.steps)
     except KeyboardInterrupt:
-        checkpoint(step)
+        checkpoint(done)
         raise
     return out
 

@@ -1,0 +1,79 @@
+from fractions import Fraction
+
+import pytest
+import torch
+
+from gemx import GemxError
+from gemx.model import build_model, load_checkpoint, preset
+from gemx.train.data import ReferencePairs, cached_frames
+from gemx.train.evaluate import evaluate
+from gemx.train.loop import TrainConfig, train, warm_start
+from gemx.video.io import write_video
+from tests.video.test_upscale import clip
+
+
+@pytest.fixture(scope="module")
+def tiny_videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    for i in range(3):
+        write_video(root / f"person{i}.mp4", iter(clip(70, 64, seed=i)), Fraction(25))
+    return sorted(root.glob("*.mp4"))
+
+
+CFG = TrainConfig(steps=4, batch_size=2, crop=32, checkpoint_every=2, threads=1)
+
+
+def test_a_few_steps_write_a_loadable_checkpoint_with_training_info(tiny_videos, tmp_path):
+    out = train(preset("tiny"), CFG, tiny_videos, tmp_path / "m.pt")
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta["train"]["steps_done"] == 4 and "L1" in ckpt.meta["train"]["loss"]
+    assert ckpt.train_state is None  # a finished run
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_videos, tmp_path):
+    straight = load_checkpoint(train(preset("tiny"), CFG, tiny_videos, tmp_path / "a.pt")).model
+
+    def stop_after_three(step, total, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(preset("tiny"), CFG, tiny_videos, tmp_path / "b.pt", progress=stop_after_three)
+    assert load_checkpoint(tmp_path / "b.pt").train_state["step"] == 3  # no step lost
+    resumed = load_checkpoint(train(preset("tiny"), CFG, tiny_videos, tmp_path / "b.pt")).model
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_finished_run_is_not_overwritten(tiny_videos, tmp_path):
+    out = train(preset("tiny"), CFG, tiny_videos, tmp_path / "m.pt")
+    with pytest.raises(GemxError, match="already holds a finished run"):
+        train(preset("tiny"), TrainConfig(steps=8, batch_size=2, crop=32, threads=1), tiny_videos, out)
+
+
+def test_warm_start_of_robust_variant_computes_the_same_function():
+    paper = build_model(preset("tiny")).eval()
+    robust = build_model(preset("tiny", robust=True)).eval()
+    warm_start(robust, paper)
+    target, refs = torch.rand(1, 3, 16, 16), torch.rand(1, 2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(robust(target, refs), paper(target, refs))
+
+
+def test_pairs_use_distant_references_and_mismatch_uses_other_videos(tiny_videos):
+    clips = [cached_frames(v, 64) for v in tiny_videos]
+    pairs = ReferencePairs(clips, crop=32, grid=32, mismatch=1.0, seed=3)
+    batch = pairs.batch(0, 4)
+    assert batch.target_hr.shape == (4, 3, 32, 32) and batch.refs_hr.shape == (4, 1, 3, 32, 32)
+    again = pairs.batch(0, 4)
+    torch.testing.assert_close(batch.target_hr, again.target_hr)  # a batch is a function of (seed, step)
+
+
+def test_eval_reports_every_row(tiny_videos, tmp_path):
+    attention = build_model(preset("tiny")).eval()
+    sisr = build_model(preset("tiny", arch="sisr")).eval()
+    rows = evaluate({"att": attention, "sisr": sisr}, tiny_videos[:2], 64, 4, stride=8)
+    names = [r.name for r in rows]
+    assert names == ["bicubic", "att 1 ref", "att 2 refs", "att 5 refs", "att 5 refs, other person", "sisr"]
+    bicubic = rows[0]
+    assert 10 < bicubic.psnr["mean"] < 60 and bicubic.psnr["p1"] <= bicubic.psnr["p5"] <= bicubic.psnr["mean"] + 1e-9
