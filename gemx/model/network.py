@@ -18,6 +18,8 @@ from gemx.errors import GemxError
 from gemx.model.config import ModelConfig
 from gemx.model.lr import synthesize_lr, upsample_bicubic
 
+INITIAL_TEMPERATURE = 0.1  # cosine logits / 0.1: a softmax over [-10, 10], sharp enough to copy, soft enough to learn
+
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`t.to(dtype)` that emits nothing when the dtype already matches (a no-op cast trips torch.export)."""
@@ -116,7 +118,7 @@ def unblock(x: torch.Tensor, n: int, c: int, h: int, w: int, b: int) -> torch.Te
 def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b: int) -> torch.Tensor:
     """softmax(Q K^T / c) V inside each BxB block, over the same block of every reference.
 
-    q: [N, C, H, W]; keys, values: blocked as above, with the temperature folded into the keys.
+    q: [N, C, H, W] (unit-norm per token); keys, values: blocked as above, the temperature folded into the keys.
     Logits and softmax run in float32 whatever the activations are: they are the numerically
     sensitive step of a half-precision network.
     """
@@ -160,8 +162,10 @@ class GeminoAttention(nn.Module):
         levels = config.attention_levels
         if levels:
             self.value_encoder = Encoder(ch)
-            init = [math.log(math.sqrt(c)) for c in ch]
-            self.log_temperature = nn.Parameter(torch.tensor([init[i] for i in levels]))
+            # Queries and keys are L2-normalised per token (cosine attention), so the learnt temperature
+            # alone sets how sharp the attention is. Without it the unnormalised encoder features grew
+            # until the softmax saturated to one-hot and stopped passing gradient (seen training `small`).
+            self.log_temperature = nn.Parameter(torch.full((len(levels),), math.log(INITIAL_TEMPERATURE)))
         # What reaches the decoder at each level: attention output, the target's own features
         # (SISR, or robust), or both (robust); the coarse baseline has no skips.
         widths = []
@@ -190,7 +194,7 @@ class GeminoAttention(nn.Module):
         cache = ReferenceCache([], [])
         for j, i in enumerate(levels):
             b = self.config.block_at(i)
-            k = cast(keys[i], torch.float32) * torch.exp(-cast(self.log_temperature[j], torch.float32))  # float32 keys
+            k = F.normalize(cast(keys[i], torch.float32), dim=1) * torch.exp(-cast(self.log_temperature[j], torch.float32))
             cache.keys.append(key_blocks(k.reshape(n, r, *k.shape[1:]), b))
             cache.values.append(value_blocks(values[i].reshape(n, r, *values[i].shape[1:]), b))
         return cache
@@ -209,7 +213,8 @@ class GeminoAttention(nn.Module):
             parts = []
             if i in levels:
                 j = levels.index(i)
-                parts.append(block_attention(q, cache.keys[j], cache.values[j], self.config.block_at(i)))
+                qn = F.normalize(cast(q, torch.float32), dim=1)
+                parts.append(block_attention(qn, cache.keys[j], cache.values[j], self.config.block_at(i)))
             if self.config.arch == "sisr" or self.config.robust:
                 parts.append(q)
             feats.append(torch.cat(parts, dim=1) if parts else None)
