@@ -13,17 +13,29 @@ from typing import Any
 
 import numpy as np
 
-from gemx.exporter.contract import Contract
+from gemx.exporter.contract import GraphSpec
 from gemx.exporter.manifest import ExportDir
 from gemx.runtimes.base import Session, missing_backend
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
-def profile_shapes(contract: Contract, refs: int) -> str:
-    """`name:d0xd1x...` for every frame-graph input at `refs` references, as the TensorRT EP wants them."""
-    specs = {s.name: s for s in (*contract.frame.inputs, *contract.reference_encoder.inputs)}
-    return ",".join(f"{n}:{'x'.join(map(str, s.concrete(refs)))}" for n, s in specs.items())
+def profile_shapes(graph: GraphSpec, refs: int) -> str:
+    """`name:d0xd1x...` for every input of one graph at `refs` references, as the TensorRT EP wants them."""
+    return ",".join(f"{s.name}:{'x'.join(map(str, s.concrete(refs)))}" for s in graph.inputs)
+
+
+def _providers(provider: str, graph: GraphSpec, cache: Path, refs_opt: int, refs_max: int) -> list[Any]:
+    if provider == "cpu":
+        return [PROVIDERS["cpu"]]
+    if provider == "cuda":
+        return [PROVIDERS["cuda"], PROVIDERS["cpu"]]
+    return [(PROVIDERS["tensorrt"], {
+        "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
+        "trt_profile_min_shapes": profile_shapes(graph, 1),
+        "trt_profile_opt_shapes": profile_shapes(graph, min(refs_opt, refs_max)),
+        "trt_profile_max_shapes": profile_shapes(graph, refs_max),
+    }), PROVIDERS["cuda"], PROVIDERS["cpu"]]
 
 
 class OrtSession(Session):
@@ -41,20 +53,13 @@ class OrtSession(Session):
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        providers: list[Any] = [PROVIDERS[provider]]
-        if provider == "tensorrt":
-            cache = export.path / "ort_trt_cache"
-            providers = [(PROVIDERS["tensorrt"], {
-                "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
-                "trt_profile_min_shapes": profile_shapes(self.contract, 1),
-                "trt_profile_opt_shapes": profile_shapes(self.contract, min(refs_opt, export.max_refs)),
-                "trt_profile_max_shapes": profile_shapes(self.contract, export.max_refs),
-            }), PROVIDERS["cuda"], PROVIDERS["cpu"]]
-        elif provider == "cuda":
-            providers.append(PROVIDERS["cpu"])
         graphs = graphs or {g: export.graph_path(g, precision) for g in ("reference_encoder", "frame")}
-        self.encoder = ort.InferenceSession(str(graphs["reference_encoder"]), opts, providers=providers)
-        self.frame = ort.InferenceSession(str(graphs["frame"]), opts, providers=providers)
+        cache = export.path / "ort_trt_cache"
+        self.encoder, self.frame = (
+            ort.InferenceSession(str(graphs[spec.name]), opts,
+                                 providers=_providers(provider, spec, cache, refs_opt, export.max_refs))
+            for spec in self.contract.graphs
+        )
         self.on_device = provider != "cpu"
         self.kv_names = [s.name for s in self.contract.kv]
 

@@ -142,3 +142,19 @@ def test_cli_export_prints_summary_and_refuses_overwrite(tiny_ckpt, tmp_path):
     assert "parity" in res.output and "TensorRT" in res.output and (out / "manifest.json").exists()
     res = CliRunner().invoke(app, ["export", str(tiny_ckpt), "--out", str(out)])
     assert res.exit_code == 1 and "--force" in res.output
+
+
+def test_simplify_keeps_parity(tiny_ckpt, tmp_path):
+    pytest.importorskip("onnxslim", reason="--simplify needs onnxslim (the dev/simplify extra)")
+    result = export(tiny_ckpt, ExportOptions(out=tmp_path / "slim.export", simplify=True, max_refs=3))
+    assert all(r.max_abs_error <= 1e-4 for r in result.parity["fp32"])
+    assert all(r.ok for r in result.trt)
+
+
+def test_python_dash_m_gemx_lists_the_commands():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "gemx", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("info", "export", "build", "profile", "upscale", "train", "eval"):
+        assert cmd in out
