@@ -259,6 +259,7 @@ def train(
     preset: Annotated[str, typer.Option(help="model preset: paper, small, tiny")] = "small",
     arch: Annotated[str, typer.Option(help="attention (the paper's model), sisr or coarse (the baselines)")] = "attention",
     robust: Annotated[bool, typer.Option("--robust", help="decoder also sees the target's own features")] = False,
+    residual: Annotated[bool, typer.Option("--residual", help="predict a correction to the bicubic upsample")] = False,
     scale: Annotated[int, typer.Option(help="LR factor, 4 or 8")] = 4,
     steps: Annotated[int, typer.Option(help="optimizer steps")] = 4000,
     batch_size: Annotated[int, typer.Option(help="samples per step")] = 8,
@@ -281,7 +282,7 @@ def train(
     from gemx.train.loop import TrainConfig
     from gemx.train.loop import train as run_train
 
-    cfg = make_preset(preset, arch=arch, robust=robust, scale=scale)
+    cfg = make_preset(preset, arch=arch, robust=robust, residual=residual, scale=scale)
     train_videos, _ = split_videos(videos or SHARED_VIDEOS)
     tc = TrainConfig(steps, batch_size, crop, lr, seed, mismatch, checkpoint_every,
                      str(init_from) if init_from else None, str(vgg_weights) if vgg_weights else None, threads)

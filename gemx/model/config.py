@@ -26,6 +26,8 @@ class ModelConfig:
     block_size: side B of the attention blocks, in feature cells, the same at every level.
     robust: the decoder also sees the target's own (query) features at every level, so references of
         the wrong content cannot take away what the low-resolution frame itself shows.
+    residual: the decoder predicts a correction to the bicubic upsample of the target instead of the
+        whole frame (the network starts as bicubic and learns the missing detail).
     """
 
     arch: str = "attention"
@@ -34,6 +36,7 @@ class ModelConfig:
     channels: tuple[int, int, int] = (32, 64, 128)
     block_size: int = 8
     robust: bool = False
+    residual: bool = False
     preset: str = "custom"
 
     def __post_init__(self) -> None:

@@ -175,6 +175,9 @@ class GeminoAttention(nn.Module):
             skip = config.arch != "coarse" or i == 2
             widths.append(attended + own if skip else 0)
         self.decoder = Decoder(ch, tuple(widths))
+        if config.residual:  # start exactly at bicubic
+            nn.init.zeros_(self.decoder.head[-1].weight)
+            nn.init.zeros_(self.decoder.head[-1].bias)
 
     # -- the deployment seam ---------------------------------------------------------------------
     def encode_references(self, refs_hr: torch.Tensor) -> ReferenceCache:
@@ -202,7 +205,8 @@ class GeminoAttention(nn.Module):
     def attend_and_decode(self, target_lr: torch.Tensor, cache: ReferenceCache) -> torch.Tensor:
         """LR target [N, 3, H/scale, W/scale] (as a receiver gets it) + cache -> HR frame [N, 3, H, W]."""
         self._check_frames(target_lr, "target_lr", ndim=4, factor=self.config.scale)
-        queries = self.kq_encoder(upsample_bicubic(target_lr, self.config.scale))
+        upsampled = upsample_bicubic(target_lr, self.config.scale)
+        queries = self.kq_encoder(upsampled)
         levels = self.config.attention_levels
         if levels and not cache.keys:
             raise GemxError("this model attends to references: call encode_references first")
@@ -220,7 +224,8 @@ class GeminoAttention(nn.Module):
             feats.append(torch.cat(parts, dim=1) if parts else None)
         if self.config.arch == "coarse":
             feats[0] = feats[1] = None
-        return self.decoder(feats)
+        out = self.decoder(feats)
+        return out + upsampled if self.config.residual else out
 
     def forward(self, target_lr: torch.Tensor, refs_hr: torch.Tensor | None = None) -> torch.Tensor:
         cache = ReferenceCache([], []) if self.config.arch == "sisr" else self.encode_references(refs_hr)

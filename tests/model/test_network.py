@@ -109,3 +109,12 @@ def test_lr_synthesis_is_pool_then_bicubic():
     x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
     want = F.interpolate(F.avg_pool2d(x, 4), scale_factor=4, mode="bicubic", align_corners=False)
     torch.testing.assert_close(synthesize_lr(x, 4), want)
+
+
+def test_residual_model_starts_as_bicubic_and_robust_one_sees_the_target():
+    lr = torch.rand(1, 3, 16, 16)
+    model = build_model(preset("tiny", robust=True, residual=True)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(lr, torch.rand(1, 2, 3, 64, 64)), upsample_bicubic(lr, 4))
+    first_skip = model.decoder.level1[0]
+    assert first_skip.in_channels == 8 + 2 * 8  # upsampled features + attended + the target's own level-1 features
