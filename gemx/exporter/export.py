@@ -8,8 +8,6 @@ with --force.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from gemx.exporter.manifest import MANIFEST, graph_entry, new_manifest, sha256, 
 from gemx.exporter.onnx_export import DEFAULT_OPSET, check_opset, export_graph
 from gemx.exporter.trt_check import TrtReport, check_tensorrt_compat
 from gemx.exporter.validate import FP32_TOLERANCE, ParityRow, check_parity, validation_frames
+from gemx.fs import atomic_dir
 from gemx.model.checkpoint import Checkpoint, load_checkpoint
 from gemx.model.network import GeminoAttention, build_model
 
@@ -82,9 +81,7 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
     manifest = new_manifest(cfg, params, opts.opset, opts.max_refs, refs_list,
                             {"file": ckpt.path.name, "sha256": sha256(ckpt.path)})
     result = ExportResult(out, manifest, frames_source=source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out) as tmp:
         for precision in ("fp32", "fp16") if opts.fp16 else ("fp32",):
             progress(f"exporting {precision} graphs")
             contract = Contract(cfg, precision)
@@ -108,12 +105,6 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
                 "parity_against": "pytorch" if precision == "fp32" else "fp32 graphs",
             }
         write_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.chmod(0o755)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 

@@ -12,7 +12,7 @@ import onnx
 import gemx
 from gemx.errors import GemxError
 from gemx.exporter.contract import Contract
-from gemx.model.checkpoint import atomic_write
+from gemx.fs import atomic_write
 from gemx.model.config import ModelConfig
 
 FORMAT = "gemx-export"

@@ -19,7 +19,7 @@ from torch.export import Dim
 
 from gemx.errors import GemxError
 from gemx.exporter.contract import REFS, GraphSpec
-from gemx.model.checkpoint import atomic_write
+from gemx.fs import atomic_write
 
 OPSETS = range(18, 24)  # what the dynamo exporter emits and ONNX Runtime 1.2x runs
 DEFAULT_OPSET = 20

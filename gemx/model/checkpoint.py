@@ -7,8 +7,6 @@ Format: a `torch.save` of plain data, {"format": "gemx-checkpoint", "version": 1
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gemx.errors import GemxError
+from gemx.fs import atomic_write
 from gemx.model.config import ModelConfig
 from gemx.model.network import GeminoAttention, build_model
 
@@ -35,23 +34,6 @@ class Checkpoint:
     @property
     def config(self) -> ModelConfig:
         return self.model.config
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: Path, model: GeminoAttention, meta: dict | None = None,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from gemx.model.checkpoint import atomic_write
+from gemx.fs import atomic_write
 from gemx.profiles.sweep import ProfileResult, ProfileRow
 
 

@@ -10,8 +10,6 @@ Every build ends with an accuracy gate against the FP32 ONNX graphs on real fram
 from __future__ import annotations
 
 import platform
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import numpy as np
 from gemx.errors import GemxError
 from gemx.exporter.manifest import ExportDir, read_export_dir, sha256
 from gemx.exporter.validate import psnr_db, validation_frames
-from gemx.model.checkpoint import atomic_write
+from gemx.fs import atomic_dir, atomic_write
 from gemx.model.lr import downsample
 from gemx.runtimes.build_record import RECORD, engine_dir, write_record
 from gemx.runtimes.gpu import detect_gpu, tensorrt_version
@@ -70,20 +68,12 @@ def _claim(out: Path, force: bool) -> None:
         raise GemxError(f"{out} already holds a build; pass --force to rebuild it")
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move a finished build into place in one step, so an interrupted build leaves nothing half-written."""
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
 def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResult:
     import onnxruntime as ort
 
     out = export.path / ORT_CPU_DIR
     _claim(out, opts.force)
-    tmp = Path(tempfile.mkdtemp(dir=export.path, prefix=f".{ORT_CPU_DIR}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out) as tmp:
         graphs = {}
         for graph in ("reference_encoder", "frame"):
             progress(f"optimizing {graph} for the CPU provider")
@@ -101,9 +91,6 @@ def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResul
             "optimization_level": "extended",
         }
         write_record(tmp, record)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     result = BuildResult("ort-cpu", out, record)
     progress("accuracy gate")
     from gemx.runtimes.ort_session import OrtSession
@@ -128,9 +115,8 @@ def build_tensorrt(export: ExportDir, opts: BuildOptions, refs_max: int, progres
     out = export.path / engine_dir(precision)
     _claim(out, opts.force)
     gpu, _ = detect_gpu()
-    tmp = Path(tempfile.mkdtemp(dir=export.path, prefix=f".{out.name}.", suffix=".tmp"))
     engines, cache = {}, opts.timing_cache or export.path / "timing.cache"
-    try:
+    with atomic_dir(out) as tmp:
         for spec in contract.graphs:
             progress(f"building {spec.name} engine ({precision}, refs {opts.refs_min}/{opts.refs_opt}/{refs_max})")
             profile = Profile()
@@ -151,9 +137,6 @@ def build_tensorrt(export: ExportDir, opts: BuildOptions, refs_max: int, progres
             "onnx_sha256": {s.name: sha256(export.graph_path(s.name, contract_precision)) for s in contract.graphs},
         }
         write_record(tmp, record)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     result = BuildResult("tensorrt", out, record)
     progress("accuracy gate")
     from gemx.runtimes.trt_session import TensorRTSession

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gemx.errors import GemxError
 from gemx.exporter.manifest import ExportDir
-from gemx.model.checkpoint import atomic_write
+from gemx.fs import atomic_write
 from gemx.runtimes.gpu import detect_gpu, tensorrt_version
 
 RECORD = "build.json"

@@ -89,7 +89,7 @@ def write_video(path: Path, frames: Iterator[np.ndarray], fps: Fraction, audio_f
 
     Returns the number of frames written; nothing is left at `path` when no frame came.
     """
-    from gemx.model.checkpoint import atomic_write
+    from gemx.fs import atomic_write
 
     count = 0
 
