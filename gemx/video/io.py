@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -114,10 +115,17 @@ def _encode(path: Path, container: str, frames: Iterator[np.ndarray], fps: Fract
     import av
 
     count = 0
-    with av.open(str(path), mode="w", format=container) as out:
+    with av.open(str(path), mode="w", format=container) as out, contextlib.ExitStack() as stack:
         stream = out.add_stream("libx264", rate=fps)
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18"}
+        # Every stream must exist before the first packet is muxed (the header is written then).
+        audio_in = audio_out = None
+        if audio_from is not None:
+            src = stack.enter_context(av.open(str(audio_from)))
+            if src.streams.audio:
+                audio_in = src.streams.audio[0]
+                audio_out = out.add_stream_from_template(audio_in)
         for frame in frames:
             if count == 0:
                 stream.height, stream.width = frame.shape[:2]
@@ -126,21 +134,10 @@ def _encode(path: Path, container: str, frames: Iterator[np.ndarray], fps: Fract
             count += 1
         for packet in stream.encode():
             out.mux(packet)
-        if audio_from is not None:
-            _copy_audio(audio_from, out)
+        if audio_in is not None and count:
+            for packet in audio_in.container.demux(audio_in):
+                if packet.dts is None:
+                    continue
+                packet.stream = audio_out
+                out.mux(packet)
     return count
-
-
-def _copy_audio(src: Path, out) -> None:
-    import av
-
-    with av.open(str(src)) as inp:
-        if not inp.streams.audio:
-            return
-        a_in = inp.streams.audio[0]
-        a_out = out.add_stream_from_template(a_in)
-        for packet in inp.demux(a_in):
-            if packet.dts is None:
-                continue
-            packet.stream = a_out
-            out.mux(packet)

@@ -98,3 +98,18 @@ def test_torch_and_session_outputs_match_for_the_same_frames(videos, tiny_ckpt, 
     fa = np.asarray(Image.open(a / "frame_00010.png"), dtype=int)
     fb = np.asarray(Image.open(b / "frame_00010.png"), dtype=int)
     assert np.abs(fa - fb).max() <= 1
+
+
+def test_real_video_keeps_audio_frame_count_and_fps(tiny_ckpt, tmp_path):
+    import av
+
+    from tests.conftest import videos_or_skip
+
+    video = videos_or_skip() / "retalk5_woman_glasses.mp4"
+    out = tmp_path / "real.mp4"
+    result = upscale(video, out, UpscaleOptions(simulate=True, refs=3, runtime="ort"), tiny_ckpt)
+    src, dst = probe(video), probe(out)
+    assert dst.has_audio and src.has_audio
+    assert dst.fps == src.fps and result.frames == len(read_frames(video)) == len(read_frames(out))
+    with av.open(str(out)) as c:
+        assert c.streams.audio[0].codec_context.name == "aac"
