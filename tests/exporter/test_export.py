@@ -158,3 +158,21 @@ def test_python_dash_m_gemx_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "gemx", "--help"], capture_output=True, text=True, check=True).stdout
     for cmd in ("info", "export", "build", "profile", "upscale", "train", "eval"):
         assert cmd in out
+
+
+@pytest.mark.parametrize("variant", [{"robust": True, "residual": True}, {"arch": "coarse"}])
+def test_every_deployable_variant_exports_with_parity(variant, tmp_path):
+    from gemx.model import build_model, preset, save_checkpoint
+
+    save_checkpoint(tmp_path / "v.pt", build_model(preset("tiny", **variant)))
+    result = export(tmp_path / "v.pt", ExportOptions(out=tmp_path / "v.export", fp16=True, max_refs=3))
+    assert all(r.max_abs_error <= 1e-4 for r in result.parity["fp32"])
+    assert all(r.psnr_db > 50 for r in result.parity["fp16"])
+
+
+def test_sisr_has_nothing_to_split_and_says_so(tmp_path):
+    from gemx.model import build_model, preset, save_checkpoint
+
+    save_checkpoint(tmp_path / "s.pt", build_model(preset("tiny", arch="sisr")))
+    with pytest.raises(GemxError, match="uses no references"):
+        export(tmp_path / "s.pt", ExportOptions(out=tmp_path / "s.export"))
