@@ -61,8 +61,11 @@ def default_out_dir(ckpt: Checkpoint, block_size: int) -> Path:
     from gemx.model.checkpoint import default_checkpoint_path
 
     name = f"{ckpt.path.stem}-b{block_size}.export"
-    shipped = ckpt.path.resolve() == default_checkpoint_path().resolve()
-    return Path.cwd() / name if shipped else ckpt.path.parent / name
+    try:
+        shipped = ckpt.path.resolve() == default_checkpoint_path().resolve()
+    except GemxError:  # no default checkpoint in this install
+        shipped = False
+    return Path.cwd() / name if shipped else ckpt.path.parent / name  # never inside the installed package
 
 
 def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: None) -> ExportResult:
@@ -99,7 +102,7 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
             if precision == "fp32" and worst > FP32_TOLERANCE:
                 raise GemxError(f"exported graphs differ from PyTorch by {worst:.2e} (> {FP32_TOLERANCE}); export refused")
             manifest["precisions"][precision] = {
-                "graphs": {spec.name: graph_entry(contract, spec, path, proto)
+                "graphs": {spec.name: graph_entry(spec, path, proto)
                            for spec, path, proto in zip(contract.graphs, paths, protos, strict=True)},
                 "parity": [vars(r) for r in rows],
                 "parity_against": "pytorch" if precision == "fp32" else "fp32 graphs",

@@ -11,7 +11,7 @@ import onnx
 
 import gemx
 from gemx.errors import GemxError
-from gemx.exporter.contract import Contract
+from gemx.exporter.contract import Contract, GraphSpec
 from gemx.fs import atomic_write
 from gemx.model.config import ModelConfig
 
@@ -28,7 +28,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def graph_entry(contract: Contract, spec, path: Path, proto: onnx.ModelProto) -> dict:
+def graph_entry(spec: GraphSpec, path: Path, proto: onnx.ModelProto) -> dict:
     return {
         "file": path.name,
         "sha256": sha256(path),

@@ -176,3 +176,8 @@ def test_sisr_has_nothing_to_split_and_says_so(tmp_path):
     save_checkpoint(tmp_path / "s.pt", build_model(preset("tiny", arch="sisr")))
     with pytest.raises(GemxError, match="uses no references"):
         export(tmp_path / "s.pt", ExportOptions(out=tmp_path / "s.export"))
+
+
+def test_default_out_dir_is_next_to_the_checkpoint(tiny_ckpt):
+    result = export(tiny_ckpt, ExportOptions(max_refs=2))
+    assert result.path == tiny_ckpt.parent / "tiny-b4.export" and (result.path / "manifest.json").exists()
