@@ -300,6 +300,7 @@ def eval(
     ckpt: Annotated[list[Path], typer.Argument(help="checkpoints to compare (attention models and/or SISR baselines)")],
     videos: Annotated[Path | None, typer.Option(help="folder of talking-head .mp4 clips (default: ../shared/data/videos)")] = None,
     stride: Annotated[int, typer.Option(help="evaluate every Nth test frame")] = 2,
+    lpips_weights: Annotated[Path | None, typer.Option(help="LPIPS-VGG weights (VGG-16 features + lin0..4) to also report LPIPS")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the table as JSON")] = None,
 ):
     """The paper's quality table on the held-out test split: PSNR and SSIM (dB), mean and 5th/1st percentiles."""
@@ -319,18 +320,27 @@ def eval(
     size, scale = configs.pop()
     models = {p.stem: c.model for p, c in zip(ckpt, loaded, strict=True)}
     _, test_videos = split_videos(videos or SHARED_VIDEOS)
+    lpips = None
+    if lpips_weights is not None:
+        from gemx.lpips import LPIPS
+
+        lpips = LPIPS(lpips_weights)
     with Progress(console=console) as bar:
         task = bar.add_task("evaluating", total=None)
-        rows = evaluate(models, test_videos, size, scale, stride, progress=lambda d, t: bar.update(task, completed=d, total=t))
+        rows = evaluate(models, test_videos, size, scale, stride, progress=lambda d, t: bar.update(task, completed=d, total=t),
+                        lpips=lpips)
     base = rows[0].video_mean_psnr
     table = Table(title=f"test split ({', '.join(v.stem for v in test_videos)}), x{scale}, every {stride} frame(s) from 64")
-    for col in ("model", "PSNR mean", "p5", "p1", "SSIM dB mean", "p5", "p1", "video-mean PSNR", "vs bicubic"):
+    lpips_cols = ("LPIPS mean", "p95", "p99") if lpips else ()
+    for col in ("model", "PSNR mean", "p5", "p1", "SSIM dB mean", "p5", "p1", *lpips_cols, "video-mean PSNR", "vs bicubic"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
+        lp = [f"{r.lpips[k]:.4f}" for k in ("mean", "p95", "p99")] if lpips else []
         table.add_row(r.name, *(f"{r.psnr[k]:.2f}" for k in ("mean", "p5", "p1")), *(f"{r.ssim_db[k]:.2f}" for k in ("mean", "p5", "p1")),
-                      f"{r.video_mean_psnr:.2f}", f"{r.video_mean_psnr - base:+.2f}")
+                      *lp, f"{r.video_mean_psnr:.2f}", f"{r.video_mean_psnr - base:+.2f}")
     console.print(table)
-    console.print("[dim]LPIPS not computed: its backbone weights cannot be downloaded here.[/]")
+    if lpips is None:
+        console.print("[dim]LPIPS not computed: pass --lpips-weights (its weights cannot be downloaded here).[/]")
     if json_out:
         json_out.write_text(_json.dumps([asdict(r) for r in rows], indent=2) + "\n")
         console.print(f"wrote {json_out}")

@@ -4,8 +4,8 @@ Per test video: references are frames 0, 15, 30, 45, 60 (the first 1, 2 or 5 of 
 are 64 onward. Rows: bicubic, the SISR baseline, the attention model at 1, 2 and 5 references, and at
 5 references taken from a different person's video. PSNR and SSIM in dB (-10 log10(1 - SSIM)) as
 mean and 5th/1st percentiles over frames, plus the mean over videos of per-video mean PSNR (the bar
-the shipped checkpoint is held to). LPIPS needs backbone weights that cannot be downloaded here and
-is not computed.
+the shipped checkpoint is held to). LPIPS (mean and 95th/99th percentiles) runs when the user supplies
+its weights; they cannot be downloaded here.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class EvalRow:
     ssim_db: dict
     video_mean_psnr: float  # mean over videos of the per-video mean PSNR
     per_video: dict[str, float] = field(default_factory=dict)
+    lpips: dict | None = None
 
 
 @dataclass
@@ -56,11 +57,11 @@ def cases(models: dict[str, GeminoAttention]) -> list[Case]:
 
 @torch.inference_mode()
 def evaluate(models: dict[str, GeminoAttention], videos: list[Path], size: int, scale: int, stride: int = 2,
-             progress=lambda done, total: None) -> list[EvalRow]:
+             progress=lambda done, total: None, lpips=None) -> list[EvalRow]:
     clips = {v.stem: cached_frames(v, size) for v in videos}
     names = list(clips)
     todo = cases(models)
-    scores = {c.name: {"psnr": [], "ssim": [], "videos": {}} for c in todo}
+    scores = {c.name: {"psnr": [], "ssim": [], "lpips": [], "videos": {}} for c in todo}
     total, done = len(todo) * len(names), 0
     for i, name in enumerate(names):
         clip = clips[name]
@@ -72,11 +73,15 @@ def evaluate(models: dict[str, GeminoAttention], videos: list[Path], size: int, 
             p, s = psnr(pred.clamp(0, 1), targets), ssim_db(pred.clamp(0, 1), targets)
             scores[case.name]["psnr"] += p.tolist()
             scores[case.name]["ssim"] += s.tolist()
+            if lpips is not None:
+                scores[case.name]["lpips"] += lpips(pred.clamp(0, 1), targets).tolist()
             scores[case.name]["videos"][name] = float(p.mean())
             done += 1
             progress(done, total)
     return [EvalRow(c.name, summarize(scores[c.name]["psnr"]), summarize(scores[c.name]["ssim"]),
-                    float(np.mean(list(scores[c.name]["videos"].values()))), scores[c.name]["videos"]) for c in todo]
+                    float(np.mean(list(scores[c.name]["videos"].values()))), scores[c.name]["videos"],
+                    summarize(scores[c.name]["lpips"], higher_is_better=False) if lpips is not None else None)
+            for c in todo]
 
 
 def _predict(case: Case, lr: torch.Tensor, clip: np.ndarray, other: np.ndarray, scale: int) -> torch.Tensor:

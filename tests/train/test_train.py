@@ -77,3 +77,27 @@ def test_eval_reports_every_row(tiny_videos, tmp_path):
     assert names == ["bicubic", "att 1 ref", "att 2 refs", "att 5 refs", "att 5 refs, other person", "sisr"]
     bicubic = rows[0]
     assert 10 < bicubic.psnr["mean"] < 60 and bicubic.psnr["p1"] <= bicubic.psnr["p5"] <= bicubic.psnr["mean"] + 1e-9
+
+
+def test_lpips_from_a_weights_file(tmp_path):
+    from gemx.lpips import LPIPS
+
+    torch.manual_seed(0)
+    state, cin, idx = {}, 3, 0  # a random weights file in the VGG-16 + LPIPS heads layout
+    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
+        if v == "M":
+            idx += 1
+            continue
+        state[f"features.{idx}.weight"] = torch.randn(v, cin, 3, 3) * 0.05
+        state[f"features.{idx}.bias"] = torch.zeros(v)
+        cin, idx = v, idx + 2
+    for i, c in enumerate((64, 128, 256, 512, 512)):
+        state[f"lin{i}.model.1.weight"] = torch.rand(1, c, 1, 1)
+    torch.save(state, tmp_path / "lpips.pt")
+    lpips = LPIPS(tmp_path / "lpips.pt")
+    x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    assert torch.allclose(lpips(x, x), torch.zeros(2), atol=1e-6)
+    assert (lpips(x, y) > 0).all() and torch.allclose(lpips(x, y), lpips(y, x))
+    torch.save({"lin0.model.1.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(GemxError, match="not an LPIPS-VGG weights file"):
+        LPIPS(tmp_path / "bad.pt")
