@@ -182,7 +182,7 @@ class GeminoAttention(nn.Module):
     # -- the deployment seam ---------------------------------------------------------------------
     def encode_references(self, refs_hr: torch.Tensor) -> ReferenceCache:
         """HR references [N, R, 3, H, W] (or [R, 3, H, W]) -> the key/value cache. Runs once per set."""
-        if refs_hr.dim() == 4:
+        if refs_hr is not None and refs_hr.dim() == 4:
             refs_hr = refs_hr.unsqueeze(0)
         self._check_frames(refs_hr, "references", ndim=5)
         if refs_hr.shape[1] == 0:

@@ -83,9 +83,11 @@ def test_paper_preset_level_sizes():
     assert cfg.level_sizes == (192, 96, 48) and cfg.channels[-1] == 512
 
 
-def test_zero_references_is_a_clear_error(tiny_model):
+def test_zero_or_missing_references_is_a_clear_error(tiny_model):
     with pytest.raises(GemxError, match="no references"):
         tiny_model.encode_references(torch.rand(1, 0, 3, 64, 64))
+    with pytest.raises(GemxError, match="references must be RGB frames .* got nothing"):
+        tiny_model(torch.rand(1, 3, 16, 16))
 
 
 def test_wrong_shape_is_a_clear_error(tiny_model):
