@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 from gemx.errors import GemxError
+from gemx.vgg import VGG16, load_features, vgg_features
 
-_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 _TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16.features
 _CHANNELS = (64, 128, 256, 512, 512)
 
@@ -22,21 +22,14 @@ _CHANNELS = (64, 128, 256, 512, 512)
 class LPIPS(nn.Module):
     def __init__(self, weights: Path):
         super().__init__()
-        layers, cin = [], 3
-        for v in _VGG16:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
-                cin = v
-        self.features = nn.Sequential(*layers)
+        self.features = vgg_features(VGG16)
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _CHANNELS)
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:
             raise GemxError(f"cannot read LPIPS weights {weights}: {str(e).splitlines()[0]}") from None
         try:
-            self.features.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")})
+            load_features(self.features, state)
             for i, lin in enumerate(self.lins):
                 lin.weight.data.copy_(state[f"lin{i}.model.1.weight"])
         except (RuntimeError, KeyError) as e:

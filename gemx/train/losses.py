@@ -15,30 +15,21 @@ import torch.nn.functional as F
 
 from gemx.errors import GemxError
 from gemx.metrics import ssim
+from gemx.vgg import VGG19_TO_RELU4_1, load_features, vgg_features
 
-# torchvision vgg19 `features` up to relu4_1, and the ReLU indices whose outputs are matched
-_VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512)
-_MATCHED = (1, 6, 11, 20)  # relu1_1, relu2_1, relu3_1, relu4_1
+_MATCHED = (1, 6, 11, 20)  # relu1_1, relu2_1, relu3_1, relu4_1 in torchvision's vgg19 `features`
 
 
 class VGGFeatures(nn.Module):
     def __init__(self, weights: Path):
         super().__init__()
-        layers, cin = [], 3
-        for v in _VGG19:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
-                cin = v
-        self.features = nn.Sequential(*layers)
+        self.features = vgg_features(VGG19_TO_RELU4_1)
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:
             raise GemxError(f"cannot read VGG weights {weights}: {e}") from None
-        state = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
         try:
-            self.features.load_state_dict(state, strict=False)
+            load_features(self.features, state)
         except RuntimeError as e:
             raise GemxError(f"{weights} is not a torchvision VGG-19 state dict ({str(e).splitlines()[0]})") from None
         self.requires_grad_(False)

@@ -86,7 +86,7 @@ def test_paper_preset_level_sizes():
 def test_zero_or_missing_references_is_a_clear_error(tiny_model):
     with pytest.raises(GemxError, match="no references"):
         tiny_model.encode_references(torch.rand(1, 0, 3, 64, 64))
-    with pytest.raises(GemxError, match="references must be RGB frames .* got nothing"):
+    with pytest.raises(GemxError, match=r"references must be RGB frames .* got nothing"):
         tiny_model(torch.rand(1, 3, 16, 16))
 
 

@@ -101,3 +101,15 @@ def test_lpips_from_a_weights_file(tmp_path):
     torch.save({"lin0.model.1.weight": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(GemxError, match="not an LPIPS-VGG weights file"):
         LPIPS(tmp_path / "bad.pt")
+
+
+def test_vgg_feature_loss_from_a_weights_file(tmp_path):
+    from gemx.train.losses import SuperResolutionLoss
+    from gemx.vgg import VGG19_TO_RELU4_1, vgg_features
+
+    torch.save({f"features.{k}": v for k, v in vgg_features(VGG19_TO_RELU4_1).state_dict().items()}, tmp_path / "vgg.pt")
+    loss = SuperResolutionLoss(tmp_path / "vgg.pt")
+    assert "VGG-19" in loss.description
+    x = torch.rand(1, 3, 32, 32)
+    assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-7) and float(loss(x, torch.rand(1, 3, 32, 32))) > 0
+    assert "SSIM" in SuperResolutionLoss().description
