@@ -161,6 +161,21 @@ def build(
                   f"at {acc['refs']} refs: PSNR {acc['psnr_db']:.1f} dB, max abs error {acc['max_abs_error']:.2e}")
 
 
+@command
+def runtimes():
+    """List the runtimes, whether each can run here, and what is missing where one cannot."""
+    from gemx.runtimes.registry import FASTEST_FIRST, resolve_runtime, runtime_available
+
+    table = Table(title="gemx runtimes (fastest first)")
+    for col in ("runtime", "available", "why not"):
+        table.add_column(col)
+    for name in FASTEST_FIRST:
+        ok, why = runtime_available(name)
+        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", why)
+    console.print(table)
+    console.print(f"--runtime auto picks [bold]{resolve_runtime('auto')}[/]")
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]

@@ -130,3 +130,14 @@ def test_gpu_runtimes_without_gpu_are_clear_errors(tiny_export):
 def test_every_session_is_a_session(tiny_export, model):
     assert isinstance(open_session("ort", tiny_export.path), Session)
     assert isinstance(open_session("torch", tiny_export.path, model=model), Session)
+
+
+def test_runtimes_command_lists_every_runtime_and_the_auto_choice():
+    from typer.testing import CliRunner
+
+    from gemx.cli import app
+    from gemx.runtimes.registry import RUNTIMES, resolve_runtime
+
+    res = CliRunner().invoke(app, ["runtimes"])
+    assert res.exit_code == 0
+    assert all(r in res.output for r in RUNTIMES) and f"picks {resolve_runtime('auto')}" in res.output
