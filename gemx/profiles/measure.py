@@ -50,12 +50,18 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def peak_rss_delta(fn: Callable[[], object]) -> int | None:
-    """Peak resident memory `fn` adds to the process, in bytes (Linux; None where it cannot be measured).
+def rss_now() -> int | None:
+    """The process's resident memory now, in bytes (Linux)."""
+    return _status_kb("VmRSS")
 
-    Resets the kernel's high-water mark first (clear_refs), so the figure is this call's own peak.
+
+def peak_rss_delta(fn: Callable[[], object], baseline: int | None = None) -> int | None:
+    """Peak resident memory during `fn` above `baseline` (default: the RSS just before), in bytes.
+
+    Resets the kernel's high-water mark first (clear_refs), so the figure is this call's own peak;
+    None where it cannot be measured (not Linux).
     """
-    before = _status_kb("VmRSS")
+    before = rss_now() if baseline is None else baseline
     try:
         _CLEAR_REFS.write_text("5")
     except OSError:

@@ -9,6 +9,7 @@ as a user without the split would run it. Ctrl-C stops the sweep and keeps the r
 
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from gemx.model.checkpoint import load_checkpoint
 from gemx.model.lr import downsample
 from gemx.profiles.flops import graph_cost
 from gemx.profiles.machine import machine_info
-from gemx.profiles.measure import device_memory_used, peak_rss_delta, time_calls
+from gemx.profiles.measure import device_memory_used, peak_rss_delta, rss_now, time_calls
 from gemx.runtimes.registry import open_session, resolve_runtime
 
 
@@ -55,7 +56,7 @@ class ProfileRow:
     fps: float
     iters: int
     peak_memory_bytes: int | None
-    memory_kind: str  # "rss delta" on the CPU, "device" on a GPU
+    memory_kind: str  # "rss over pre-session" on the CPU, "device over pre-session" on a GPU
     kv_cache_bytes: int
     flops: int
     params: int
@@ -98,13 +99,15 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
             block_model = with_block_size(model, block) if model is not None else None
             for runtime in runtimes:
                 prec = precision if runtime != "torch" else "fp32"
+                mem_kind = "rss over pre-session" if runtime in ("torch", "ort") else "device over pre-session"
+                gc.collect()
+                base = rss_now() if mem_kind.startswith("rss") else device_memory_used()
                 session = open_session(runtime, path, prec, opts.threads, model=block_model)
-                mem_kind = "rss delta" if runtime in ("torch", "ort") else "device"
                 for refs in opts.refs:
                     progress(f"b{block} {runtime} {refs} refs")
                     refs_hr = frames[1:refs + 1].numpy()
                     costs = {g: graph_cost(export_dir.graph_path(g), refs) for g in ("reference_encoder", "frame")}
-                    encode, frame, memory = _measure(session, refs_hr, target, opts, mem_kind)
+                    encode, frame, memory = _measure(session, refs_hr, target, opts, mem_kind, base)
                     kv = session.kv_nbytes()
                     for stage, t, cost in (("encode", encode, costs["reference_encoder"]), ("frame", frame, costs["frame"])):
                         result.rows.append(ProfileRow(block, runtime, prec, refs, stage, t.min_ms, t.p50_ms, t.p90_ms, t.p99_ms,
@@ -120,21 +123,24 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
     return result
 
 
-def _measure(session, refs_hr: np.ndarray, target: np.ndarray, opts: ProfileOptions, mem_kind: str):
-    """(encode timing, per-frame timing, peak memory of one encode + frame) for one session and reference set."""
+def _measure(session, refs_hr: np.ndarray, target: np.ndarray, opts: ProfileOptions, mem_kind: str, base: int | None):
+    """(encode timing, per-frame timing, peak memory above `base`) for one session and reference set.
+
+    Memory counts everything the session holds (weights, arenas, the key/value cache) at its peak over
+    one encode + frame, relative to the process before the session was opened.
+    """
     encode = time_calls(lambda: session.set_references(refs_hr), 1, max(3, opts.iters // 4))
     frame = time_calls(lambda: session(target), opts.warmup, opts.iters, opts.seconds)
-    memory = _peak_memory(mem_kind, lambda: (session.set_references(refs_hr), session(target)))
+    memory = _peak_memory(mem_kind, lambda: (session.set_references(refs_hr), session(target)), base)
     return encode, frame, memory
 
 
-def _peak_memory(kind: str, fn) -> int | None:
-    if kind == "device":
-        before = device_memory_used()
+def _peak_memory(kind: str, fn, base: int | None) -> int | None:
+    if kind.startswith("device"):
         fn()
         after = device_memory_used()
-        return None if before is None or after is None else max(after - before, 0)
-    return peak_rss_delta(fn)
+        return None if base is None or after is None else max(after - base, 0)
+    return peak_rss_delta(fn, base)
 
 
 @torch.inference_mode()
@@ -144,10 +150,10 @@ def _naive_row(model, block: int, refs: int, frames: torch.Tensor, target: np.nd
     t = time_calls(lambda: model(lr, refs_hr), 1, max(3, opts.iters // 4), opts.seconds)
     export_dir = read_export_dir(path, verify=False)
     flops = sum(graph_cost(export_dir.graph_path(g), refs)["flops"] for g in ("reference_encoder", "frame"))
-    memory = peak_rss_delta(lambda: model(lr, refs_hr))
+    memory = peak_rss_delta(lambda: model(lr, refs_hr))  # above the process with the model loaded
     params = sum(p.numel() for p in model.parameters())
     return ProfileRow(block, "torch", "fp32", refs, "naive", t.min_ms, t.p50_ms, t.p90_ms, t.p99_ms, t.fps, t.iters,
-                      memory, "rss delta", 0, flops, params)
+                      memory, "rss over model", 0, flops, params)
 
 
 def _exports_for(source: Path | None, opts: ProfileOptions, progress) -> tuple[dict[int, Path], object]:

@@ -96,3 +96,13 @@ def test_bad_arguments_are_clear_errors(tiny_profile):
 def test_time_calls_counts_and_orders_percentiles():
     t = time_calls(lambda: sum(range(1000)), warmup=2, iters=7)
     assert t.iters == 7 and t.min_ms <= t.p50_ms <= t.p99_ms and t.fps > 0
+
+
+def test_peak_memory_counts_what_a_session_allocates():
+    import numpy as np
+
+    from gemx.profiles.measure import peak_rss_delta, rss_now
+
+    base = rss_now()
+    grown = peak_rss_delta(lambda: np.ones(64 * 2**20 // 8).sum(), base)  # touches 64 MiB
+    assert grown is None or grown >= 48 * 2**20
