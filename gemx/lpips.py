@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from gemx.errors import GemxError
-from gemx.vgg import VGG16, load_features, vgg_features
+from gemx.vgg import VGG16, load_features, read_weights, vgg_features
 
 _TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16.features
 _CHANNELS = (64, 128, 256, 512, 512)
@@ -24,10 +24,7 @@ class LPIPS(nn.Module):
         super().__init__()
         self.features = vgg_features(VGG16)
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _CHANNELS)
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise GemxError(f"cannot read LPIPS weights {weights}: {str(e).splitlines()[0]}") from None
+        state = read_weights(weights, "LPIPS weights")
         try:
             load_features(self.features, state)
             for i, lin in enumerate(self.lins):

@@ -5,8 +5,12 @@ Weights are never downloaded: callers pass a state dict the user supplied.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
+
+from gemx.errors import GemxError
 
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 VGG19_TO_RELU4_1 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512)
@@ -29,3 +33,11 @@ def load_features(features: nn.Sequential, state: dict[str, torch.Tensor]) -> No
     own = {k for k in features.state_dict()}
     features.load_state_dict({k: v for k, v in ((k.removeprefix("features."), v) for k, v in state.items()
                                                 if k.startswith("features.")) if k in own})
+
+
+def read_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A user-supplied state dict, loaded without unpickling code; any failure is one clear error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GemxError(f"cannot read {what} {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from gemx.errors import GemxError
 from gemx.metrics import ssim
-from gemx.vgg import VGG19_TO_RELU4_1, load_features, vgg_features
+from gemx.vgg import VGG19_TO_RELU4_1, load_features, read_weights, vgg_features
 
 _MATCHED = (1, 6, 11, 20)  # relu1_1, relu2_1, relu3_1, relu4_1 in torchvision's vgg19 `features`
 
@@ -24,10 +24,7 @@ class VGGFeatures(nn.Module):
     def __init__(self, weights: Path):
         super().__init__()
         self.features = vgg_features(VGG19_TO_RELU4_1)
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise GemxError(f"cannot read VGG weights {weights}: {e}") from None
+        state = read_weights(weights, "VGG weights")
         try:
             load_features(self.features, state)
         except RuntimeError as e:
