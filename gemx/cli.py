@@ -255,11 +255,16 @@ def upscale(
         raise GemxError(f"--scale {scale} does not match the checkpoint's scale {load_checkpoint(ckpt).config.scale}; "
                         "pass a checkpoint trained for that scale")
     opts = UpscaleOptions(references, refs, runtime, simulate, side_by_side, force, threads)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} fps"), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} fps"),
+               TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("upscaling", total=None)
-        result = run_upscale(input, output, opts, ckpt, progress=lambda done, total: bar.update(task, completed=done, total=total or None),
-                             status=lambda msg: bar.update(task, description=msg))
+        task = bar.add_task("upscaling", total=None, rate="-")
+
+        def advance(done: int, total: int) -> None:
+            speed = bar.tasks[task].speed
+            bar.update(task, completed=done, total=total or None, rate=f"{speed:.1f}" if speed else "-")
+
+        result = run_upscale(input, output, opts, ckpt, progress=advance, status=lambda msg: bar.update(task, description=msg))
     console.print(f"references: frames {result.reference_indices} of {result.reference_source} (encoded {result.encoder_runs}x)")
     console.print(f"wrote [bold]{result.output}[/]: {result.frames} frames, {result.size}x{result.size}, {float(result.fps):.2f} fps, "
                   f"runtime {result.runtime}")
@@ -302,11 +307,15 @@ def train(
     tc = TrainConfig(steps, batch_size, crop, lr, seed, mismatch, checkpoint_every,
                      str(init_from) if init_from else None, str(vgg_weights) if vgg_weights else None, threads)
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-               TextColumn("{task.speed} steps/s"), TimeRemainingColumn())
+               TextColumn("{task.fields[rate]} steps/s"), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("train", total=steps, loss=float("nan"))
-        run_train(cfg, tc, train_videos, out, force=force,
-                  progress=lambda step, total, loss: bar.update(task, completed=step, loss=loss))
+        task = bar.add_task("train", total=steps, loss=float("nan"), rate="-")
+
+        def advance(step: int, total: int, loss: float) -> None:
+            speed = bar.tasks[task].speed
+            bar.update(task, completed=step, loss=loss, rate=f"{speed:.2f}" if speed else "-")
+
+        run_train(cfg, tc, train_videos, out, force=force, progress=advance)
     console.print(f"wrote [bold]{out}[/]")
 
 

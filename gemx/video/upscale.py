@@ -77,6 +77,7 @@ def upscale(input_path: Path, output: Path, opts: UpscaleOptions, ckpt_path: Pat
     status("preparing the runtime")
     session = _open(ckpt, opts, len(indices), status)
     session.set_references(references)
+    status("upscaling")
     total = len(hr_frames) if hr_frames is not None else info.frames
     scores: dict[str, dict[str, list[float]]] = {"gemx": {"psnr": [], "ssim_db": []}, "bicubic": {"psnr": [], "ssim_db": []}}
 
