@@ -164,9 +164,11 @@ def test_python_dash_m_gemx_lists_the_commands():
 def test_every_deployable_variant_exports_with_parity(variant, tmp_path):
     from gemx.model import build_model, preset, save_checkpoint
 
-    save_checkpoint(tmp_path / "v.pt", build_model(preset("tiny", **variant)))
+    model = build_model(preset("tiny", **variant))
+    torch.nn.init.normal_(model.decoder.head[-1].weight, std=0.1)  # a residual model starts as exact bicubic
+    save_checkpoint(tmp_path / "v.pt", model)
     result = export(tmp_path / "v.pt", ExportOptions(out=tmp_path / "v.export", fp16=True, max_refs=3))
-    assert all(r.max_abs_error <= 1e-4 for r in result.parity["fp32"])
+    assert all(0 < r.max_abs_error <= 1e-4 for r in result.parity["fp32"])  # > 0: the decoder really contributes
     assert all(r.psnr_db > 50 for r in result.parity["fp16"])
 
 
