@@ -18,18 +18,16 @@ from rich.table import Table
 
 from gemx.errors import GemxError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="gemx: deploy multi-reference talking-head super-resolution (export, build, profile, upscale).")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 if not console.is_terminal:  # piped or captured: wide enough for the profile table
     console = Console(width=160)
+err_console = Console(stderr=True)
 
 
 @app.callback()
 def _root() -> None:
     """gemx: deploy multi-reference talking-head super-resolution (export, build, profile, upscale)."""
-
-err_console = Console(stderr=True)
 
 
 def command(fn):
@@ -251,9 +249,8 @@ def upscale(
     from gemx.video.upscale import UpscaleOptions
     from gemx.video.upscale import upscale as run_upscale
 
-    if scale is not None and load_checkpoint(ckpt).config.scale != scale:
-        raise GemxError(f"--scale {scale} does not match the checkpoint's scale {load_checkpoint(ckpt).config.scale}; "
-                        "pass a checkpoint trained for that scale")
+    if scale is not None and (trained := load_checkpoint(ckpt).config.scale) != scale:
+        raise GemxError(f"--scale {scale} does not match the checkpoint's scale {trained}; pass a checkpoint trained for that scale")
     opts = UpscaleOptions(references, refs, runtime, simulate, side_by_side, force, threads)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} fps"),
                TimeRemainingColumn())
