@@ -16,4 +16,7 @@ $gemx train --arch sisr --residual --steps 4000 --threads 1 --out "$out/sisr-res
 $gemx train --steps 3500 --threads 1 --out "$out/paper-exact.pt"
 $gemx train --arch sisr --steps 2500 --threads 1 --out "$out/sisr-paper.pt"
 
+# The x8 checkpoint (gemx/checkpoints/small_x8.pt).
+$gemx train --robust --residual --mismatch 0.3 --scale 8 --steps 2500 --threads 2 --out "$out/robust-x8.pt"
+
 $gemx eval "$out/robust.pt" "$out/paper-exact.pt" "$out/sisr-residual.pt" "$out/sisr-paper.pt" --json "$out/eval.json"
