@@ -97,6 +97,8 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
             frames = torch.rand(max_refs + 1, 3, cfg.size, cfg.size, generator=torch.Generator().manual_seed(0))
             target = downsample(frames[:1], cfg.scale).numpy()
             block_model = with_block_size(model, block) if model is not None else None
+            costs = {refs: {g: graph_cost(export_dir.graph_path(g), refs) for g in ("reference_encoder", "frame")}
+                     for refs in opts.refs}  # per graph and reference count, the same for every runtime
             for runtime in runtimes:
                 prec = precision if runtime != "torch" else "fp32"
                 mem_kind = "rss over pre-session" if runtime in ("torch", "ort") else "device over pre-session"
@@ -106,17 +108,18 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
                 for refs in opts.refs:
                     progress(f"b{block} {runtime} {refs} refs")
                     refs_hr = frames[1:refs + 1].numpy()
-                    costs = {g: graph_cost(export_dir.graph_path(g), refs) for g in ("reference_encoder", "frame")}
                     encode, frame, memory = _measure(session, refs_hr, target, opts, mem_kind, base)
                     kv = session.kv_nbytes()
-                    for stage, t, cost in (("encode", encode, costs["reference_encoder"]), ("frame", frame, costs["frame"])):
+                    by_graph = costs[refs]
+                    for stage, t, cost in (("encode", encode, by_graph["reference_encoder"]), ("frame", frame, by_graph["frame"])):
                         result.rows.append(ProfileRow(block, runtime, prec, refs, stage, t.min_ms, t.p50_ms, t.p90_ms, t.p99_ms,
                                                       t.fps, t.iters, memory, mem_kind, kv, cost["flops"], cost["params"]))
                     progress(f"b{block} {runtime} {refs} refs", advance=1)
                 session.close()
             if opts.naive and block_model is not None:
                 for refs in opts.refs:
-                    result.rows.append(_naive_row(block_model, block, refs, frames, target, opts, exports[block]))
+                    flops = costs[refs]["reference_encoder"]["flops"] + costs[refs]["frame"]["flops"]
+                    result.rows.append(_naive_row(block_model, block, refs, frames, target, opts, flops))
                     progress(f"b{block} naive {refs} refs", advance=1)
     except KeyboardInterrupt:
         result.interrupted = True
@@ -145,11 +148,9 @@ def _peak_memory(kind: str, fn, base: int | None) -> int | None:
 
 @torch.inference_mode()
 def _naive_row(model, block: int, refs: int, frames: torch.Tensor, target: np.ndarray, opts: ProfileOptions,
-               path: Path) -> ProfileRow:
+               flops: int) -> ProfileRow:
     refs_hr, lr = frames[1:refs + 1][None], torch.from_numpy(target)
     t = time_calls(lambda: model(lr, refs_hr), 1, max(3, opts.iters // 4), opts.seconds)
-    export_dir = read_export_dir(path, verify=False)
-    flops = sum(graph_cost(export_dir.graph_path(g), refs)["flops"] for g in ("reference_encoder", "frame"))
     memory = peak_rss_delta(lambda: model(lr, refs_hr))  # above the process with the model loaded
     params = sum(p.numel() for p in model.parameters())
     return ProfileRow(block, "torch", "fp32", refs, "naive", t.min_ms, t.p50_ms, t.p90_ms, t.p99_ms, t.fps, t.iters,

@@ -73,8 +73,10 @@ def open_session(runtime: str, export_path: Path, precision: str = "fp32", threa
 
 
 def _ort_cpu_build(export) -> dict[str, Path] | None:
-    """The ORT-optimized CPU graphs from `gemx build`, when present and built from these exact graphs."""
-    from gemx.exporter.manifest import sha256
+    """The ORT-optimized CPU graphs from `gemx build`, when present and built from these exact graphs.
+
+    The export's files were just verified against the manifest's sha256, so the manifest is the reference.
+    """
     from gemx.runtimes.build import ORT_CPU_DIR
     from gemx.runtimes.build_record import RECORD
 
@@ -82,6 +84,7 @@ def _ort_cpu_build(export) -> dict[str, Path] | None:
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    if any(sha256(export.graph_path(g)) != sha for g, sha in record["onnx_sha256"].items()):
+    built_from = export.manifest["precisions"]["fp32"]["graphs"]
+    if any(built_from[g]["sha256"] != sha for g, sha in record["onnx_sha256"].items()):
         return None
     return {g: export.path / ORT_CPU_DIR / f for g, f in record["graphs"].items()}
