@@ -19,6 +19,9 @@ import numpy as np
 from gemx.errors import GemxError
 from gemx.exporter.contract import Contract
 
+# Resampled frames overshoot [0, 1] a little (bicubic ringing); 0-255 pixels are far outside.
+PIXEL_SLACK = 0.25
+
 
 class Session(ABC):
     """Runs the split model: `set_references` once per reference set, then `__call__` per frame."""
@@ -42,13 +45,17 @@ class Session(ABC):
         """Run the per-frame graph on the cached keys/values; returns float32 [1, 3, H, W]."""
 
     def kv_nbytes(self) -> int:
-        return sum(int(np.prod(s.concrete(self.num_references))) * np.dtype(s.dtype).itemsize for s in self.contract.kv)
+        return self.kv_bytes(self.num_references)
 
     def close(self) -> None:
         self._kv = None
 
     # -- the interface ---------------------------------------------------------------------------
-    def set_references(self, references: np.ndarray) -> None:
+    def encode(self, references: np.ndarray) -> Any:
+        """Check and encode one reference set into a key/value cache, without making it this session's own.
+
+        A server holding many streams keeps one cache per stream and passes it to `decode`.
+        """
         spec = self.contract.reference_encoder.inputs[0]
         references = self._as_input(references, spec.concrete(len(references)) if np.ndim(references) == 4 else None,
                                     "references", "[refs, 3, H, W]")
@@ -58,16 +65,27 @@ class Session(ABC):
         if self.max_refs is not None and r > self.max_refs:
             raise GemxError(f"{r} references exceed the {self.max_refs} this {self.name} session was exported/built for; "
                             f"use at most {self.max_refs}, or re-export with --max-refs {r} (and rebuild)")
-        self._kv = self._encode(references)
-        self.num_references = r
+        kv = self._encode(references)
         self.encoder_runs += 1
+        return kv
+
+    def decode(self, target_lr: np.ndarray, kv: Any) -> np.ndarray:
+        """One frame against a cache from `encode`."""
+        spec = self.contract.frame.inputs[0]
+        return self._decode(self._as_input(target_lr, spec.concrete(1), "target_lr", "[1, 3, h, w]"), kv)
+
+    def set_references(self, references: np.ndarray) -> None:
+        self._kv = self.encode(references)
+        self.num_references = len(references)
 
     def __call__(self, target_lr: np.ndarray) -> np.ndarray:
         if self._kv is None:
             raise GemxError("no references set: call set_references(frames) before running frames")
-        spec = self.contract.frame.inputs[0]
-        target_lr = self._as_input(target_lr, spec.concrete(1), "target_lr", "[1, 3, h, w]")
-        return self._decode(target_lr, self._kv)
+        return self.decode(target_lr, self._kv)
+
+    def kv_bytes(self, refs: int) -> int:
+        """Bytes of one cache of `refs` references, from the contract."""
+        return sum(int(np.prod(s.concrete(refs))) * np.dtype(s.dtype).itemsize for s in self.contract.kv)
 
     def __enter__(self) -> Session:
         return self
@@ -80,8 +98,15 @@ class Session(ABC):
         x = np.asarray(x)
         if want is None or x.shape != want:
             raise GemxError(f"{name} must be float32 {layout} = {list(want) if want else layout}, got shape {list(x.shape)}")
-        return np.ascontiguousarray(x, dtype=np.float32)
-
+        if not np.issubdtype(x.dtype, np.floating):
+            raise GemxError(f"{name} must be float32 in [0, 1], got {x.dtype} (divide 8-bit pixels by 255)")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise GemxError(f"{name} holds NaN or Inf values; send float32 pixels in [0, 1]")
+        if x.min() < -PIXEL_SLACK or x.max() > 1 + PIXEL_SLACK:
+            raise GemxError(f"{name} has values in [{x.min():.3g}, {x.max():.3g}]; send float32 pixels in [0, 1] "
+                            "(divide 8-bit pixels by 255)")
+        return x
 
 def missing_backend(what: str, extra: str = "gpu") -> GemxError:
     return GemxError(f"{what}; install it with: pip install 'gemx[{extra}]'" if extra else what)

@@ -38,11 +38,21 @@ class TensorRTSession(Session):
         self.encoder.activate()
         self.frame.activate()
 
-    def set_references(self, references: np.ndarray) -> None:
+    def _check_profile(self, references: np.ndarray) -> None:
         if 0 < len(references) < self.min_refs:
             raise GemxError(f"{len(references)} references are below this engine's profile minimum {self.min_refs}; "
                             f"rebuild with --refs-min {len(references)}")
-        super().set_references(references)
+
+    def set_references(self, references: np.ndarray) -> None:
+        self._check_profile(references)
+        self._kv = super().encode(references)  # device-resident; the next encode reuses these buffers
+        self.num_references = len(references)
+
+    def encode(self, references: np.ndarray) -> Any:
+        """A cache kept apart from the session (one per stream in a server) must outlive the next encode,
+        which reuses the runner's device buffers: it is copied to the host."""
+        self._check_profile(references)
+        return {name: view.numpy() for name, view in super().encode(references).items()}
 
     def _encode(self, references: np.ndarray) -> Any:
         # Device buffers owned by the encoder runner: they live until the next encode, which replaces them anyway.

@@ -52,13 +52,15 @@ class UpscaleResult:
 
 
 def upscale(input_path: Path, output: Path, opts: UpscaleOptions, ckpt_path: Path | None = None,
-            progress=lambda done, total: None, status=lambda msg: None) -> UpscaleResult:
+            progress=lambda done, total: None, status=lambda msg: None, session=None) -> UpscaleResult:
+    """Upscale a video in this process, or through `session`: anything with the Session interface and a
+    contract (e.g. a stream on a gemx server), which then decides the model geometry."""
     input_path, output = Path(input_path), Path(output)
     as_frames = output.suffix == ""
     _check_output(output, opts.force)
     info = probe(input_path)
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = ckpt.config
+    ckpt = load_checkpoint(ckpt_path) if session is None else None
+    cfg = ckpt.config if session is None else session.contract.config
     hr_frames = None
     if opts.simulate:
         status("reading the high-resolution input")
@@ -74,8 +76,9 @@ def upscale(input_path: Path, output: Path, opts: UpscaleOptions, ckpt_path: Pat
     indices = select_diverse(ref_pool, opts.refs)
     references = to_tensor(np.stack([ref_pool[i] for i in indices])).numpy()
 
-    status("preparing the runtime")
-    session = _open(ckpt, opts, len(indices), status)
+    if session is None:
+        status("preparing the runtime")
+        session = _open(ckpt, opts, len(indices), status)
     session.set_references(references)
     status("upscaling")
     total = len(hr_frames) if hr_frames is not None else info.frames

@@ -1,0 +1,12 @@
+"""The `gemx` command line: parse, call one library function, render with rich.
+
+One module per command group, each thin; every command's work is a library function. A `GemxError`
+becomes one red line (printed literally) and exit code 1.
+"""
+
+from gemx.cli import models, profile, serve, training, video  # noqa: F401  (registers the commands)
+from gemx.cli._app import app
+
+
+def main() -> None:
+    app(prog_name="gemx")

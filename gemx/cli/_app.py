@@ -1,0 +1,65 @@
+"""The Typer app, the console, and what every command shares: GemxErrors as one literal line, option checks."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from gemx.errors import GemxError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+if not console.is_terminal:  # piped or captured: wide enough for the profile table
+    console = Console(width=160)
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """gemx: deploy multi-reference talking-head super-resolution (export, build, profile, upscale, serve)."""
+
+
+def command(fn):
+    """Register a CLI command whose GemxErrors are reported as one line, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GemxError as e:
+            err_console.print("[bold red]error:[/] ", end="", highlight=False)
+            err_console.print(str(e), markup=False, highlight=False, soft_wrap=True)  # literal: paths may hold [brackets]
+            raise typer.Exit(1) from None
+
+    return app.command()(wrapper)
+
+
+def _load_model(ckpt: Path | None, preset_name: str | None):
+    from gemx.model import build_model, load_checkpoint, preset
+
+    if ckpt is not None and preset_name is not None:
+        raise GemxError("pass either a checkpoint or --preset, not both")
+    if preset_name is not None:
+        return build_model(preset(preset_name)).eval(), f"preset {preset_name} (untrained)"
+    loaded = load_checkpoint(ckpt)
+    return loaded.model, str(loaded.path)
+
+
+def _si(n: float, unit: str = "") -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}".strip()
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise GemxError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise GemxError(f"{what} must be positive integers, got {text!r}")
+    return values

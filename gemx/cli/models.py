@@ -1,0 +1,124 @@
+"""`gemx info | export | build | runtimes`: the model, its graphs and what runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from gemx.cli._app import _load_model, _si, command, console
+
+
+@command
+def info(
+    ckpt: Annotated[Path | None, typer.Argument(help="checkpoint (.pt); default: the shipped one")] = None,
+    preset: Annotated[str | None, typer.Option(help="describe an untrained model of this preset instead")] = None,
+    refs: Annotated[int, typer.Option(min=1, help="reference count for FLOPs and cache size")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+):
+    """Print a model's config, parameters per part, and FLOPs of reference encoding vs per-frame work."""
+    from gemx.model.summary import describe
+
+    model, source = _load_model(ckpt, preset)
+    d = describe(model, refs)
+    if as_json:
+        print(json.dumps({"source": source, **d}, indent=2))
+        return
+    table = Table(title=f"gemx model: {source}", show_header=False)
+    for k, v in d["config"].items():
+        table.add_row(k, str(v))
+    for k, v in d["parameters"].items():
+        table.add_row(f"params: {k}", f"{v:,}")
+    table.add_row(f"FLOPs: encode {refs} reference(s), once", _si(d["flops"]["encode_references"], "FLOP"))
+    table.add_row("FLOPs: attend + decode, per frame", _si(d["flops"]["attend_and_decode"], "FLOP"))
+    table.add_row("key/value cache", _si(d["kv_cache_bytes"], "B"))
+    console.print(table)
+
+
+@command
+def export(
+    ckpt: Annotated[Path | None, typer.Argument(help="checkpoint (.pt); default: the shipped one")] = None,
+    out: Annotated[Path | None, typer.Option(help="export directory; default: <ckpt>-b<B>.export next to the checkpoint")] = None,
+    block_size: Annotated[int | None, typer.Option(help="attention block size to deploy with (default: the checkpoint's)")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (18-23)")] = 20,
+    max_refs: Annotated[int, typer.Option(help="largest reference count the graphs are validated for")] = 10,
+    fp16: Annotated[bool, typer.Option("--fp16", help="also write mixed-precision FP16 graphs (softmax and logits in FP32)")] = False,
+    simplify: Annotated[bool, typer.Option("--simplify", help="simplify graphs with onnxslim, parity re-checked")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing export directory")] = False,
+):
+    """Export split ONNX graphs (reference encoder + per-frame) with a dynamic `refs` axis and a manifest."""
+    from gemx.exporter.export import ExportOptions
+    from gemx.exporter.export import export as run_export
+
+    opts = ExportOptions(out, block_size, opset, max_refs, fp16, simplify, force)
+    with console.status("exporting") as status:
+        result = run_export(ckpt, opts, progress=lambda msg: status.update(msg))
+    render_export(result)
+
+
+def render_export(result) -> None:
+    from gemx.exporter.validate import FP16_PSNR_GOAL, FP32_TOLERANCE
+
+    table = Table(title=f"parity of the composed graphs (ONNX Runtime CPU, {result.frames_source})")
+    for col in ("precision", "against", "refs", "max abs error", "PSNR dB", "verdict"):
+        table.add_column(col)
+    for precision, rows in result.parity.items():
+        against = result.manifest["precisions"][precision]["parity_against"]
+        for r in rows:
+            ok = r.max_abs_error <= FP32_TOLERANCE if precision == "fp32" else r.psnr_db > FP16_PSNR_GOAL
+            table.add_row(precision, against, str(r.refs), f"{r.max_abs_error:.2e}", f"{r.psnr_db:.1f}",
+                          "[green]ok[/]" if ok else "[red]over budget[/]")
+    console.print(table)
+    if "fp16" in result.parity:
+        console.print("[dim]ONNX Runtime's CPU provider computes FP16 graphs in FP32 after casting weights; "
+                      "GPU FP16 error is measured by `gemx build --fp16`.[/]")
+    trt = Table(title=f"TensorRT parser compatibility (op table of TensorRT {result.trt[0].tensorrt_version})")
+    for col in ("graph", "ops", "verdict"):
+        trt.add_column(col)
+    for r in result.trt:
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(r.op_counts.items()))
+        trt.add_row(r.graph, ops, "[green]ok[/]" if r.ok else "[red]" + "; ".join(r.problems[:3]) + "[/]")
+    console.print(trt)
+    console.print(f"wrote [bold]{result.path}[/] (refs 1..{result.manifest['refs']['max']}, opset {result.manifest['opset']})")
+
+
+@command
+def build(
+    export_dir: Annotated[Path, typer.Argument(help="directory written by `gemx export`")],
+    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 TensorRT engines (needs an NVIDIA GPU and TensorRT)")] = False,
+    refs_min: Annotated[int, typer.Option(help="smallest reference count of the engine profile")] = 1,
+    refs_opt: Annotated[int, typer.Option(help="reference count TensorRT tunes for")] = 5,
+    refs_max: Annotated[int | None, typer.Option(help="largest reference count (default: the export's max)")] = None,
+    timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache to reuse across builds")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing build")] = False,
+):
+    """Build TensorRT engines (GPU) or ORT-optimized CPU graphs, then check their accuracy against FP32 ONNX."""
+    from gemx.runtimes.build import BuildOptions
+    from gemx.runtimes.build import build as run_build
+
+    opts = BuildOptions(fp16, refs_min, refs_opt, refs_max, timing_cache, force)
+    with console.status("building") as status:
+        result = run_build(export_dir, opts, progress=lambda msg: status.update(msg))
+    if result.target == "ort-cpu":
+        console.print("no NVIDIA GPU/TensorRT here: wrote [bold]ONNX Runtime-optimized graphs for the CPU provider[/]")
+    acc = result.accuracy
+    console.print(f"wrote [bold]{result.path}[/]; accuracy vs FP32 ONNX on {acc['frames']} frames of {acc['source']} "
+                  f"at {acc['refs']} refs: PSNR {acc['psnr_db']:.1f} dB, max abs error {acc['max_abs_error']:.2e}")
+
+
+@command
+def runtimes():
+    """List the runtimes, whether each can run here, and what is missing where one cannot."""
+    from gemx.runtimes.registry import FASTEST_FIRST, resolve_runtime, runtime_available
+
+    table = Table(title="gemx runtimes (fastest first)")
+    for col in ("runtime", "available", "why not"):
+        table.add_column(col)
+    for name in FASTEST_FIRST:
+        ok, why = runtime_available(name)
+        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", why)
+    console.print(table)
+    console.print(f"--runtime auto picks [bold]{resolve_runtime('auto')}[/]")

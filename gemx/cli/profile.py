@@ -1,0 +1,49 @@
+"""`gemx profile`: the latency/memory/FLOPs sweep as a table, JSON, CSV and a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gemx.cli._app import _int_list, command, console
+
+
+@command
+def profile(
+    source: Annotated[Path | None, typer.Argument(help="checkpoint (.pt) or export directory; default: the shipped checkpoint")] = None,
+    refs: Annotated[str, typer.Option(help="reference counts to measure")] = "1,2,5,10",
+    block_sizes: Annotated[str | None, typer.Option(help="attention block sizes (default: the checkpoint's and twice it)")] = None,
+    runtime: Annotated[str, typer.Option(help="runtimes: torch, ort, ort-cuda, ort-tensorrt, tensorrt, auto")] = "torch,ort",
+    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 graphs/engines for the GPU runtimes")] = False,
+    warmup: Annotated[int, typer.Option(help="untimed calls before timing")] = 3,
+    iters: Annotated[int, typer.Option(help="timed per-frame calls")] = 20,
+    seconds: Annotated[float | None, typer.Option(help="time each measurement for this long instead of --iters")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: the runtime's choice)")] = None,
+    naive: Annotated[bool, typer.Option(help="also time the full model re-encoding references every frame")] = True,
+    cache_dir: Annotated[Path | None, typer.Option(help="where per-block-size exports are kept")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write every figure and the machine as JSON")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="write every figure as CSV")] = None,
+    plot_out: Annotated[Path | None, typer.Option("--plot", help="write a latency-vs-references plot (.png)")] = None,
+):
+    """Measure reference encoding and per-frame latency, memory and FLOPs across refs, block sizes and runtimes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from gemx.profiles import report
+    from gemx.profiles.sweep import ProfileOptions
+    from gemx.profiles.sweep import profile as run_profile
+
+    opts = ProfileOptions(_int_list(refs, "--refs"), _int_list(block_sizes, "--block-sizes") if block_sizes else None,
+                          [r.strip() for r in runtime.split(",") if r.strip()], fp16, warmup, iters, seconds, threads, cache_dir, naive)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("preparing", total=None)
+        result = run_profile(source, opts, progress=lambda msg, advance=0: bar.update(task, description=msg, advance=advance),
+                             on_total=lambda total: bar.update(task, total=total))
+    console.print(report.table(result))
+    if result.interrupted:
+        console.print("[yellow]interrupted: showing and writing the rows measured so far[/]")
+    for path, write in ((json_out, report.write_json), (csv_out, report.write_csv), (plot_out, report.plot)):
+        if path is not None:
+            write(result, path)
+            console.print(f"wrote {path}")

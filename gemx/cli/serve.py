@@ -1,0 +1,155 @@
+"""`gemx triton | serve | stream | loadtest`: many streams on Triton Inference Server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from gemx.cli._app import _int_list, command, console
+from gemx.errors import GemxError
+
+
+@command
+def triton(
+    export_dir: Annotated[Path, typer.Argument(help="directory written by `gemx export` (and `gemx build`)")],
+    out: Annotated[Path, typer.Option(help="model repository to write")],
+    runtime: Annotated[str, typer.Option(help="session inside the server: ort, ort-cuda, ort-tensorrt or tensorrt")] = "ort",
+    precision: Annotated[str, typer.Option(help="fp32, or fp16 on the GPU runtimes")] = "fp32",
+    max_refs: Annotated[int | None, typer.Option(help="most references a stream may send (default: the export's)")] = None,
+    max_streams: Annotated[int, typer.Option(help="streams the server holds open at once; more wait for a free slot")] = 16,
+    kv_budget_mb: Annotated[float, typer.Option(help="key/value memory of all streams; least recently used go first")] = 1024.0,
+    idle_timeout: Annotated[float, typer.Option(help="seconds without frames after which a stream is dropped")] = 60.0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads of the model's session")] = None,
+    instances: Annotated[int, typer.Option(help="model instances (each with its own session and streams)")] = 1,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing repository")] = False,
+):
+    """Write a Triton model repository: one stateful model holding each stream's key/value cache."""
+    from gemx.serving.repository import TritonOptions, write_repository
+
+    opts = TritonOptions(runtime, precision, max_refs, max_streams, kv_budget_mb, idle_timeout, threads, instances, force)
+    repo = write_repository(export_dir, out, opts)
+    limits = repo.manifest["limits"]
+    console.print(f"wrote [bold]{repo.path}[/]: model gemx on {opts.runtime} {opts.precision}, up to {limits['max_refs']} "
+                  f"references and {limits['max_streams']} open streams, {limits['kv_budget_mb']:g} MB of keys/values "
+                  f"({repo.manifest['kv_bytes_per_reference'] / 2**20:.1f} MB per reference)", highlight=False)
+    console.print(f"serve it with: gemx serve {repo.path}", highlight=False, markup=False)
+
+
+@command
+def serve(
+    repo: Annotated[Path, typer.Argument(help="repository written by `gemx triton`")],
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (streams)")] = 8001,
+    http_port: Annotated[int, typer.Option(help="HTTP port (health, metadata)")] = 8000,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port")] = 8002,
+    log: Annotated[Path | None, typer.Option(help="write the server log here")] = None,
+):
+    """Run Triton Inference Server on 127.0.0.1 with the repository until Ctrl-C."""
+    from gemx.serving.server import TritonServer
+
+    server = TritonServer(repo, grpc_port, http_port, metrics_port, log_path=log)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the server like Ctrl-C
+    with console.status("starting tritonserver"):
+        server.start()
+    try:
+        console.print(f"serving [bold]{repo}[/] on grpc {server.grpc_url} (streams), {server.http_url} (health), "
+                      f"metrics :{server.metrics_port}; Ctrl-C stops it", highlight=False)
+        while server.process.poll() is None:
+            time.sleep(0.5)
+        raise GemxError(f"tritonserver exited with code {server.process.returncode}: {server.log_tail()}")
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        server.stop()
+
+
+@command
+def stream(
+    url: Annotated[str, typer.Argument(help="gRPC address of a gemx server, e.g. 127.0.0.1:8001")],
+    input: Annotated[Path, typer.Argument(help="low-resolution video (with --simulate: a high-resolution one)")],
+    output: Annotated[Path, typer.Argument(help="output video (.mp4/.mkv/.mov) or a directory for PNG frames")],
+    references: Annotated[Path | None, typer.Option(help="HR reference frames of the same person: images, a folder, or a video")] = None,
+    refs: Annotated[int, typer.Option(min=1, help="number of references, chosen to be diverse")] = 5,
+    simulate: Annotated[bool, typer.Option("--simulate", help="INPUT is HR: make LR + references from it, report PSNR/SSIM")] = False,
+    side_by_side: Annotated[bool, typer.Option("--side-by-side", help="write bicubic | gemx | original side by side")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace OUTPUT if it exists")] = False,
+):
+    """Upscale a video through a gemx server as one stream (as `gemx upscale` does in-process)."""
+    from gemx.serving.client import RemoteStream
+    from gemx.video.upscale import UpscaleOptions, upscale
+
+    opts = UpscaleOptions(references, refs, "server", simulate, side_by_side, force)
+    with RemoteStream(url) as remote, console.status("streaming") as status:
+        result = upscale(input, output, opts, status=lambda msg: status.update(msg),
+                         progress=lambda done, total: status.update(f"streaming frame {done}/{total or '?'}"), session=remote)
+        recoveries = remote.recoveries
+    console.print(f"references: frames {result.reference_indices} of {result.reference_source} "
+                  f"(sent {result.encoder_runs}x, recovered {recoveries}x)", highlight=False)
+    console.print(f"wrote [bold]{result.output}[/]: {result.frames} frames, {result.size}x{result.size}, "
+                  f"{float(result.fps):.2f} fps, via {result.runtime}", highlight=False)
+    for name, m in result.metrics.items():
+        console.print(f"  {name:8s} PSNR {m['psnr']:.2f} dB   SSIM {m['ssim_db']:.2f} dB")
+
+
+@command
+def loadtest(
+    url: Annotated[str, typer.Argument(help="gRPC address of a gemx server, e.g. 127.0.0.1:8001")],
+    streams: Annotated[str, typer.Option(help="concurrent stream counts to try")] = "1,2,4",
+    fps: Annotated[float, typer.Option(help="frames per second each stream sends")] = 25.0,
+    seconds: Annotated[float, typer.Option(help="how long each row runs")] = 10.0,
+    refs: Annotated[int, typer.Option(help="references per stream")] = 5,
+    video: Annotated[Path | None, typer.Option(help="HR video to take references and frames from (default: synthetic frames)")] = None,
+    repo: Annotated[Path | None, typer.Option(help="the served repository: adds a one-stream row run in this process")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the rows as JSON")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --json file")] = False,
+):
+    """S concurrent real-time streams per row: fps per stream, latency, late/dropped frames, server KV memory."""
+    from gemx.serving.loadtest import LoadOptions
+    from gemx.serving.loadtest import loadtest as run_loadtest
+
+    if json_out is not None and json_out.exists() and not force:
+        raise GemxError(f"{json_out} already exists; pass --force to replace it or choose another --json")
+    frames = _video_frames(video, url) if video is not None else None
+    opts = LoadOptions(_int_list(streams, "--streams"), fps, seconds, refs, frames, repo)
+    with console.status("load test") as status:
+        result = run_loadtest(url, opts, progress=lambda msg: status.update(msg))
+    table = Table(title=f"{url}: streams at {fps:g} fps, {seconds:g} s each, {refs} refs ({result.frame_source})")
+    for col in ("mode", "streams", "fps/stream (min)", "p50 ms", "p90 ms", "p99 ms", "late", "dropped", "errors",
+                "server KV MB", "keeps up"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for r in result.rows:
+        table.add_row(r.mode, str(r.streams), f"{r.fps_min:.1f}", f"{r.p50_ms:.1f}", f"{r.p90_ms:.1f}", f"{r.p99_ms:.1f}",
+                      str(r.late), str(r.dropped), str(r.errors), f"{r.server_kv_mb:.1f}" if r.mode == "server" else "-",
+                      "[green]yes[/]" if r.keeps_up else "[red]no[/]")
+    console.print(table)
+    for r in result.rows:
+        if r.first_error:
+            console.print(f"{r.streams} stream(s): first error: {r.first_error}", markup=False, highlight=False)
+    console.print(f"largest stream count that keeps {fps:g} fps with p99 under {1e3 / fps:.0f} ms: [bold]{result.max_streams}[/]")
+    if result.overhead is not None:
+        console.print(f"serving overhead at 1 stream (server p50 / in-process p50): [bold]{result.overhead:.2f}x[/]")
+    if json_out is not None:
+        from gemx.fs import atomic_write
+
+        data = {"url": url, "fps": fps, "seconds": seconds, "refs": refs, "frames": result.frame_source,
+                "max_streams": result.max_streams, "overhead": result.overhead, "rows": [asdict(r) for r in result.rows]}
+        atomic_write(json_out, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+        console.print(f"wrote {json_out}", markup=False, highlight=False)
+
+
+def _video_frames(video: Path, url: str):
+    import numpy as np
+
+    from gemx.serving.client import RemoteStream
+    from gemx.train.data import to_tensor
+    from gemx.video.io import read_frames, square_crop_resize
+
+    with RemoteStream(url) as probe:
+        size = probe.contract.config.size
+    return to_tensor(np.stack([square_crop_resize(f, size) for f in read_frames(video, limit=64)])).numpy()

@@ -1,0 +1,215 @@
+"""`gemx triton`: an export directory -> a Triton model repository holding one stateful model, `gemx`.
+
+    REPO/
+      gemx/
+        config.pbtxt      Python backend, sequence batcher; tensor names and shapes from the graph contract
+        serving.json      gemx version, export sha256, runtime, precision, limits (the repository's manifest)
+        1/model.py        loads gemx's TritonPythonModel (gemx must be installed where the server runs)
+        1/export/         a verified copy of the export directory (graphs, manifest, builds)
+
+A stream is a Triton sequence: its first request carries `references` and `target_lr`, later ones only
+`target_lr`, and any request may carry new `references`. Each stream's keys/values stay inside the server
+(see gemx.serving.streams). The config is built as Triton's own ModelConfig protobuf and printed with
+protobuf's text format, so what Triton parses is what gemx wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import gemx
+from gemx.errors import GemxError
+from gemx.exporter.contract import Contract, TensorSpec
+from gemx.exporter.manifest import MANIFEST, ExportDir, read_export_dir, sha256
+from gemx.fs import atomic_dir
+
+MODEL_NAME = "gemx"
+FORMAT = "gemx-triton"
+VERSION = 1
+SERVING_MANIFEST = "serving.json"
+RUNTIMES = ("ort", "ort-cuda", "ort-tensorrt", "tensorrt")
+# Responses carry the server's cache size with every frame, so a client (the load test) can watch it.
+KV_BYTES_OUTPUT, STREAMS_OUTPUT = "kv_cache_bytes", "streams_open"
+MODEL_PY = '''"""Triton Python backend entry point: gemx's stream model (gemx must be installed in the server's environment)."""
+
+from gemx.serving.triton_model import TritonPythonModel  # noqa: F401
+'''
+
+
+@dataclass
+class TritonOptions:
+    runtime: str = "ort"
+    precision: str = "fp32"
+    max_refs: int | None = None  # default: the export's
+    max_streams: int = 16  # sequences the batcher holds open at once; later ones wait for a free slot
+    kv_budget_mb: float = 1024.0  # least-recently-used streams are evicted above this many MB of keys/values
+    idle_timeout_s: float = 60.0  # a stream silent this long is dropped (by Triton and by gemx's cache)
+    threads: int | None = None  # intra-op threads of the model's session (default: the runtime's)
+    instances: int = 1
+    force: bool = False
+
+
+@dataclass
+class Repository:
+    path: Path
+    manifest: dict
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / MODEL_NAME
+
+    @property
+    def export_path(self) -> Path:
+        return self.model_dir / "1" / "export"
+
+    def export(self) -> ExportDir:
+        export = read_export_dir(self.export_path)
+        if sha256(self.export_path / MANIFEST) != self.manifest["export"]["sha256"]:
+            raise GemxError(f"{self.export_path} is not the export {self.path} was written for; re-run `gemx triton --force`")
+        return export
+
+
+def write_repository(export_path: Path, out: Path, opts: TritonOptions) -> Repository:
+    export = read_export_dir(export_path)  # refuses a tampered export (sha256 of every graph)
+    _check_options(export, opts)
+    _check_target(Path(out), opts.force)
+    max_refs = opts.max_refs or export.max_refs
+    contract = export.contract(_contract_precision(opts))
+    manifest = {
+        "format": FORMAT, "version": VERSION, "gemx_version": gemx.__version__,
+        "export": {"source": str(Path(export_path).resolve()), "sha256": sha256(export.path / MANIFEST),
+                   "checkpoint": export.manifest["model"]["checkpoint"]},
+        "runtime": opts.runtime, "precision": opts.precision,
+        "limits": {"max_refs": max_refs, "max_streams": opts.max_streams, "kv_budget_mb": opts.kv_budget_mb,
+                   "idle_timeout_s": opts.idle_timeout_s},
+        "kv_bytes_per_reference": _kv_bytes(contract, 1),
+    }
+    with atomic_dir(Path(out)) as tmp:
+        model = tmp / MODEL_NAME
+        shutil.copytree(export.path, model / "1" / "export", ignore=shutil.ignore_patterns("ort_trt_cache", ".*"))
+        (model / "1" / "model.py").write_text(MODEL_PY)
+        (model / "config.pbtxt").write_text(model_config_text(contract, opts, max_refs))
+        (model / SERVING_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        read_export_dir(model / "1" / "export")  # the copy is verified like any export
+    return Repository(Path(out), manifest)
+
+
+def read_repository(path: Path) -> Repository:
+    """Open a repository written by `gemx triton`, checking its manifest and its copy of the export."""
+    path = Path(path)
+    mpath = path / MODEL_NAME / SERVING_MANIFEST
+    if not mpath.exists():
+        raise GemxError(f"{path} is not a gemx Triton repository (no {MODEL_NAME}/{SERVING_MANIFEST}); create one with `gemx triton`")
+    try:
+        manifest = json.loads(mpath.read_text())
+        if manifest.get("format") != FORMAT or manifest.get("version", 0) > VERSION:
+            raise ValueError("not a gemx-triton manifest of a version this gemx reads")
+        if not isinstance(manifest["export"]["sha256"], str) or int(manifest["limits"]["max_refs"]) < 1:
+            raise ValueError("bad export hash or limits")
+        repo = Repository(path, manifest)
+    except (ValueError, KeyError, TypeError) as e:
+        raise GemxError(f"{mpath} is corrupt ({e}); re-run `gemx triton --force`") from None
+    repo.export()
+    return repo
+
+
+def model_config_text(contract: Contract, opts: TritonOptions, max_refs: int) -> str:
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(model_config(contract, opts, max_refs))
+
+
+def model_config(contract: Contract, opts: TritonOptions, max_refs: int):
+    """Triton's ModelConfig for the stream model: inputs/outputs from the contract, a sequence batcher, limits."""
+    mc = _model_config_pb2()
+    cfg = mc.ModelConfig(name=MODEL_NAME, backend="python", max_batch_size=0)
+    references = contract.reference_encoder.inputs[0]
+    target, = (s for s in contract.frame.inputs if s.name == "target_lr")
+    frame_hr = contract.frame.outputs[0]
+    cfg.input.append(_tensor(mc.ModelInput, references, optional=True))
+    cfg.input.append(_tensor(mc.ModelInput, target, optional=True))  # absent on a request that only ends a stream
+    cfg.output.append(_tensor(mc.ModelOutput, frame_hr))
+    cfg.output.append(mc.ModelOutput(name=KV_BYTES_OUTPUT, data_type=mc.TYPE_UINT64, dims=[1]))
+    cfg.output.append(mc.ModelOutput(name=STREAMS_OUTPUT, data_type=mc.TYPE_UINT32, dims=[1]))
+    seq = cfg.sequence_batching
+    seq.max_sequence_idle_microseconds = int(opts.idle_timeout_s * 1e6)
+    kinds = mc.ModelSequenceBatching.Control
+    for name, kind in (("START", kinds.CONTROL_SEQUENCE_START), ("END", kinds.CONTROL_SEQUENCE_END)):
+        seq.control_input.append(mc.ModelSequenceBatching.ControlInput(
+            name=name, control=[kinds(kind=kind, int32_false_true=[0, 1])]))
+    seq.control_input.append(mc.ModelSequenceBatching.ControlInput(
+        name="CORRID", control=[kinds(kind=kinds.CONTROL_SEQUENCE_CORRID, data_type=mc.TYPE_UINT64)]))
+    seq.oldest.max_candidate_sequences = opts.max_streams
+    seq.oldest.max_queue_delay_microseconds = 0
+    gpu = opts.runtime != "ort"
+    cfg.instance_group.append(mc.ModelInstanceGroup(count=opts.instances,
+                                                    kind=mc.ModelInstanceGroup.KIND_MODEL if gpu else mc.ModelInstanceGroup.KIND_CPU))
+    params = {"runtime": opts.runtime, "precision": opts.precision, "max_refs": str(max_refs),
+              "kv_budget_bytes": str(int(opts.kv_budget_mb * 2**20)), "idle_timeout_s": str(opts.idle_timeout_s),
+              "threads": str(opts.threads or 0), "model_config": json.dumps(contract.config.to_dict()),
+              # The stub keeps its numpy tensors in shared memory; a frame of references can be large.
+              "shm-default-byte-size": str(64 * 2**20)}
+    for key, value in params.items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def _tensor(message, spec: TensorSpec, optional: bool = False):
+    mc = _model_config_pb2()
+    dtype = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16}[spec.dtype]
+    dims = [-1 if isinstance(d, str) else d for d in spec.shape]
+    extra = {"optional": True} if optional else {}  # only inputs have the field
+    return message(name=spec.name, data_type=dtype, dims=dims, **extra)
+
+
+def _model_config_pb2():
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise GemxError("writing a Triton repository needs Triton's protobufs; install them with: pip install 'gemx[serve]'") from None
+    return model_config_pb2
+
+
+def _kv_bytes(contract: Contract, refs: int) -> int:
+    import numpy as np
+
+    return sum(int(np.prod(s.concrete(refs))) * np.dtype(s.dtype).itemsize for s in contract.kv)
+
+
+def _contract_precision(opts: TritonOptions) -> str:
+    return "fp16" if opts.precision == "fp16" else "fp32"
+
+
+def _check_options(export: ExportDir, opts: TritonOptions) -> None:
+    if opts.runtime not in RUNTIMES:
+        raise GemxError(f"unknown serving runtime {opts.runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if opts.precision not in export.precisions:
+        raise GemxError(f"{export.path} has no {opts.precision} graphs; re-export with `gemx export --{opts.precision}`")
+    if opts.precision == "fp16" and opts.runtime == "ort":
+        raise GemxError("FP16 serving needs a GPU runtime (ort-cuda, ort-tensorrt or tensorrt); ORT's CPU provider computes FP32")
+    if opts.max_refs is not None and not 1 <= opts.max_refs <= export.max_refs:
+        raise GemxError(f"--max-refs must be between 1 and the export's {export.max_refs}, got {opts.max_refs}")
+    for name, value in (("--max-streams", opts.max_streams), ("--instances", opts.instances)):
+        if value < 1:
+            raise GemxError(f"{name} must be at least 1, got {value}")
+    if not opts.kv_budget_mb > 0:
+        raise GemxError(f"--kv-budget-mb must be positive, got {opts.kv_budget_mb}")
+    if not opts.idle_timeout_s > 0:
+        raise GemxError(f"--idle-timeout must be positive seconds, got {opts.idle_timeout_s}")
+    if opts.threads is not None and opts.threads < 1:
+        raise GemxError(f"--threads must be at least 1, got {opts.threads}")
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise GemxError(f"{out} exists and is not a directory; choose another --out")
+    if not (out / MODEL_NAME / SERVING_MANIFEST).exists() and any(out.iterdir()):
+        raise GemxError(f"{out} exists and is not a gemx Triton repository; choose another --out (gemx will not replace it)")
+    if (out / MODEL_NAME / SERVING_MANIFEST).exists() and not force:
+        raise GemxError(f"{out} already holds a gemx Triton repository; pass --force to replace it or choose another --out")
+

@@ -1,0 +1,285 @@
+"""A real `tritonserver` (the nvidia-pytriton wheel's) on a repository of the tiny export, on free 127.0.0.1 ports.
+
+No mocks: every request goes through gRPC streaming, Triton's sequence batcher and the Python backend, and
+outputs are compared with local ONNX Runtime sessions over the same graphs.
+"""
+
+import queue
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import InferenceServerClient, InferInput
+from tritonclient.grpc.model_config_pb2 import ModelConfig
+from typer.testing import CliRunner
+
+from gemx import GemxError
+from gemx.cli import app
+from gemx.model.lr import downsample
+from gemx.runtimes.registry import open_session
+from gemx.serving.client import RemoteStream
+from gemx.serving.loadtest import LoadOptions, loadtest
+from gemx.serving.repository import TritonOptions, read_repository, write_repository
+from gemx.serving.server import TritonServer, free_port
+from gemx.serving.streams import RESEND
+from tests.conftest import frames, videos_or_skip
+
+IDLE_S = 3.0
+MAX_REFS = 4
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_export, tmp_path_factory):
+    kv_per_ref = read_export_dir_kv(tiny_export)
+    # Room for two streams of two references, not three: the third evicts the least recently used.
+    budget_mb = 5 * kv_per_ref / 2**20
+    opts = TritonOptions(max_refs=MAX_REFS, kv_budget_mb=budget_mb, idle_timeout_s=IDLE_S, max_streams=32, threads=1)
+    return write_repository(tiny_export.path, tmp_path_factory.mktemp("triton") / "repo", opts)
+
+
+def read_export_dir_kv(export) -> int:
+    with open_session("ort", export.path) as s:
+        return s.kv_bytes(1)
+
+
+@pytest.fixture(scope="module")
+def server(repo, tmp_path_factory):
+    log = tmp_path_factory.mktemp("log") / "tritonserver.log"
+    server = TritonServer(repo.path, grpc_port=free_port(), http_port=free_port(), log_path=log)
+    server.start(timeout_s=90)
+    yield server
+    server.stop()
+    assert server.process is None
+
+
+@pytest.fixture(scope="module")
+def local(tiny_export):
+    return open_session("ort", tiny_export.path)
+
+
+def data(seed: int, refs: int = 2):
+    size, scale = 64, 4  # the tiny preset
+    return frames(refs, size, seed=seed).numpy(), downsample(frames(3, size, seed=seed + 100), scale).numpy()[:, None]
+
+
+def expected(local, refs, lr):
+    return local.decode(lr, local.encode(refs))
+
+
+class Raw:
+    """A bare tritonclient stream, to send what gemx's own client never would."""
+
+    def __init__(self, url):
+        self.client = InferenceServerClient(url)
+        self.responses = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+
+    def send(self, stream_id, lr=None, refs=None, start=False, end=False, dtype="FP32"):
+        inputs = []
+        for name, value in (("references", refs), ("target_lr", lr)):
+            if value is not None:
+                t = InferInput(name, list(value.shape), dtype)
+                t.set_data_from_numpy(value)
+                inputs.append(t)
+        self.client.async_stream_infer("gemx", inputs, sequence_id=stream_id, sequence_start=start, sequence_end=end)
+        result, error = self.responses.get(timeout=30)
+        if error is not None:
+            return str(error)
+        return result
+
+    def close(self):
+        self.client.stop_stream(cancel_requests=True)
+        self.client.close()
+
+
+@pytest.fixture
+def raw(server):
+    r = Raw(server.grpc_url)
+    yield r
+    r.close()
+
+
+# -- the repository -----------------------------------------------------------------------------------
+def test_config_parses_with_tritons_protobuf_and_follows_the_contract(repo, tiny_export):
+    config = text_format.Parse((repo.model_dir / "config.pbtxt").read_text(), ModelConfig())
+    contract = tiny_export_contract(tiny_export)
+    inputs = {i.name: list(i.dims) for i in config.input}
+    assert inputs == {"references": [-1, 3, 64, 64], "target_lr": list(contract.frame.inputs[0].shape)}
+    assert {i.name for i in config.input if i.optional} == {"references", "target_lr"}
+    assert [o.name for o in config.output][0] == contract.frame.outputs[0].name
+    assert list(config.output[0].dims) == list(contract.frame.outputs[0].shape)
+    assert config.sequence_batching.max_sequence_idle_microseconds == int(IDLE_S * 1e6)
+    assert {c.name for c in config.sequence_batching.control_input} == {"START", "END", "CORRID"}
+    assert config.parameters["max_refs"].string_value == str(MAX_REFS)
+    assert read_repository(repo.path).manifest["export"]["sha256"] == repo.manifest["export"]["sha256"]
+
+
+def tiny_export_contract(tiny_export):
+    from gemx.exporter.manifest import read_export_dir
+
+    return read_export_dir(tiny_export.path).contract()
+
+
+def test_triton_refuses_a_tampered_export_and_an_existing_repository(tiny_export, tmp_path, repo):
+    tampered = tmp_path / "tampered.export"
+    shutil.copytree(tiny_export.path, tampered)
+    graph = tampered / "frame.onnx"
+    data_ = bytearray(graph.read_bytes())
+    data_[len(data_) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data_))
+    res = CliRunner().invoke(app, ["triton", str(tampered), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1 and "does not match the sha256" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "r").exists()
+    res = CliRunner().invoke(app, ["triton", str(tiny_export.path), "--out", str(repo.path)])
+    assert res.exit_code == 1 and "--force" in res.output
+    # The repository's own copy is verified too before a server loads it.
+    copy = tmp_path / "repo"
+    shutil.copytree(repo.path, copy)
+    (copy / "gemx" / "1" / "export" / "frame.onnx").write_bytes(bytes(data_))
+    with pytest.raises(GemxError, match="sha256"):
+        read_repository(copy)
+
+
+def test_serve_without_the_server_extra_says_what_to_install(repo):
+    code = ("import sys; sys.modules['pytriton'] = None\n"
+            "from gemx.cli import main; sys.argv = ['gemx', 'serve', sys.argv[1]]; main()")
+    res = subprocess.run([sys.executable, "-c", code, str(repo.path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert "pip install 'gemx[serve]'" in res.stderr and "Traceback" not in res.stderr
+
+
+# -- streams on a real server ----------------------------------------------------------------------------
+def test_two_interleaved_streams_match_two_local_sessions(server, local):
+    (ra, la), (rb, lb) = data(1), data(2)
+    with RemoteStream(server.grpc_url) as a, RemoteStream(server.grpc_url) as b:
+        a.set_references(ra)
+        b.set_references(rb)
+        for i in range(3):
+            np.testing.assert_allclose(a(la[i]), expected(local, ra, la[i]), atol=1e-4)
+            np.testing.assert_allclose(b(lb[i]), expected(local, rb, lb[i]), atol=1e-4)
+        assert a.encoder_runs == b.encoder_runs == 1  # references travelled once per stream
+    assert np.abs(expected(local, ra, la[0]) - expected(local, rb, la[0])).max() > 1e-3  # the references matter
+
+
+def test_references_replaced_mid_stream(server, local):
+    (r1, lr), (r2, _) = data(3), data(4, refs=3)
+    with RemoteStream(server.grpc_url) as s:
+        s.set_references(r1)
+        np.testing.assert_allclose(s(lr[0]), expected(local, r1, lr[0]), atol=1e-4)
+        s.set_references(r2)
+        np.testing.assert_allclose(s(lr[1]), expected(local, r2, lr[1]), atol=1e-4)
+        assert s.encoder_runs == 2
+
+
+def test_end_of_sequence_frees_the_cache(server, raw):
+    refs, lr = data(5)
+    before = int(raw.send(901, lr[0], refs, start=True).as_numpy("streams_open")[0])
+    kv_open = int(raw.send(902, lr[0], refs, start=True).as_numpy("kv_cache_bytes")[0])
+    assert before >= 1
+    ended = raw.send(901, lr[1], end=True)
+    assert int(ended.as_numpy("kv_cache_bytes")[0]) == kv_open - 2 * read_bytes_per_ref(server)
+    assert int(ended.as_numpy("streams_open")[0]) == before  # 902 opened, 901 closed
+    raw.send(902, None, end=True)
+
+
+def read_bytes_per_ref(server):
+    return read_repository(server.repo).manifest["kv_bytes_per_reference"]
+
+
+def test_the_byte_budget_evicts_the_least_recently_used_stream(server, raw, local):
+    streams = {sid: data(10 + sid) for sid in (1001, 1002, 1003)}
+    for sid, (refs, lr) in streams.items():  # 3 x 2 references; the budget holds 2 x 2
+        assert not isinstance(raw.send(sid, lr[0], refs, start=True), str)
+    error = raw.send(1001, streams[1001][1][1])
+    assert isinstance(error, str) and RESEND in error and "budget" in error
+    for sid in (1002, 1003):  # the two most recent go on
+        refs, lr = streams[sid]
+        out = raw.send(sid, lr[1]).as_numpy("frame_hr")
+        np.testing.assert_allclose(out, expected(local, refs, lr[1]), atol=1e-4)
+    assert int(raw.send(1003, None, end=True).as_numpy("kv_cache_bytes")[0]) <= 5 * read_bytes_per_ref(server)
+    raw.send(1002, None, end=True)
+
+
+def test_the_idle_timeout_evicts_and_the_client_resends_references(server, local):
+    refs, lr = data(20)
+    with RemoteStream(server.grpc_url) as s, RemoteStream(server.grpc_url) as other:
+        s.set_references(refs)
+        other.set_references(refs)
+        s(lr[0])
+        other(lr[0])
+        open_with_s = other.server_streams
+        time.sleep(IDLE_S + 1.5)
+        other(lr[1])  # the sweep and Triton's own idle timeout dropped both; `other` recovers first
+        assert other.recoveries == 1
+        np.testing.assert_allclose(s(lr[1]), expected(local, refs, lr[1]), atol=1e-4)
+        assert s.recoveries == 1 and s.encoder_runs == 2
+        assert other.server_streams <= open_with_s
+
+
+def test_each_bad_input_gets_its_error_while_another_stream_goes_on(server, raw, local):
+    good_refs, good_lr = data(30)
+    assert not isinstance(raw.send(2000, good_lr[0], good_refs, start=True), str)
+    refs, lr = data(31)
+    cases = {
+        "first frame without references": (dict(stream_id=2001, lr=lr[0], start=True), "must carry `references`"),
+        "too many references": (dict(stream_id=2002, lr=lr[0], refs=frames(MAX_REFS + 1, 64).numpy(), start=True),
+                                f"exceed the {MAX_REFS}"),
+        "wrong shape": (dict(stream_id=2003, lr=lr[0][:, :, :8], refs=refs, start=True), "unexpected shape"),
+        "wrong dtype": (dict(stream_id=2004, lr=lr[0].astype(np.float64), refs=refs.astype(np.float64), start=True,
+                             dtype="FP64"), "expects 'FP32'"),
+        "NaN": (dict(stream_id=2005, lr=lr[0], refs=np.full_like(refs, np.nan), start=True), "NaN"),
+        "0-255 pixels": (dict(stream_id=2006, lr=lr[0], refs=refs * 255, start=True), "divide 8-bit pixels by 255"),
+        "frames of an unknown stream": (dict(stream_id=2007, lr=lr[0]), "START flag"),
+    }
+    for what, (request, message) in cases.items():
+        error = raw.send(**request)
+        assert isinstance(error, str) and message in error, what
+        out = raw.send(2000, good_lr[1]).as_numpy("frame_hr")  # the other stream is untouched
+        np.testing.assert_allclose(out, expected(local, good_refs, good_lr[1]), atol=1e-4, err_msg=what)
+    raw.send(2000, None, end=True)
+
+
+def test_a_server_restart_mid_stream_is_healed_by_the_client(server, local):
+    refs, lr = data(40)
+    with RemoteStream(server.grpc_url, reconnect_s=90) as s:
+        s.set_references(refs)
+        s(lr[0])
+        server.stop()
+        server.start(timeout_s=90)
+        np.testing.assert_allclose(s(lr[1]), expected(local, refs, lr[1]), atol=1e-4)
+        assert s.recoveries >= 1 and s.encoder_runs == 2
+
+
+def test_loadtest_reports_rows_and_the_serving_overhead(server, repo):
+    result = loadtest(server.grpc_url, LoadOptions([1, 2], fps=10, seconds=1.0, refs=2, repo=repo.path))
+    modes = [(r.mode, r.streams) for r in result.rows]
+    assert modes == [("in-process", 1), ("server", 1), ("server", 2)]
+    for r in result.rows:
+        assert r.errors == 0 and r.p50_ms > 0 and r.p50_ms <= r.p99_ms
+    assert result.rows[2].server_kv_mb > 0
+    assert result.overhead is not None and result.overhead > 0
+
+
+@pytest.mark.data
+def test_stream_simulate_gives_the_frames_of_upscale(server, tiny_export, tmp_path):
+    video = sorted(videos_or_skip().glob("*.mp4"))[0]
+    ckpt = tiny_export.path.parent / "tiny.pt"
+    runner = CliRunner()
+    local = runner.invoke(app, ["upscale", str(video), str(tmp_path / "local"), "--simulate", "--refs", "3", "--ckpt", str(ckpt),
+                                "--runtime", "ort"])
+    assert local.exit_code == 0, local.output
+    remote = runner.invoke(app, ["stream", server.grpc_url, str(video), str(tmp_path / "remote"), "--simulate", "--refs", "3"])
+    assert remote.exit_code == 0, remote.output
+    from PIL import Image
+
+    a, b = sorted((tmp_path / "local").glob("*.png")), sorted((tmp_path / "remote").glob("*.png"))
+    assert len(a) == len(b) > 100
+    for fa, fb in zip(a[::25], b[::25], strict=True):
+        diff = np.abs(np.asarray(Image.open(fa), int) - np.asarray(Image.open(fb), int)).max()
+        assert diff <= 1, (fa.name, diff)
+    psnr = [line for line in remote.output.splitlines() if "PSNR" in line]
+    assert psnr and psnr == [line for line in local.output.splitlines() if "PSNR" in line]
