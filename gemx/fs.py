@@ -1,18 +1,32 @@
-"""Atomic writes: every artifact appears whole or not at all.
+"""Atomic writes: every artifact appears whole or not at all, and never over something gemx did not write.
 
-Files are written to a temporary sibling and renamed; directories are filled in a temporary sibling
-and renamed into place, so an interrupted export or build never leaves a half-written artifact and a
-reader never sees one.
+Files are written to a hidden temporary sibling and moved into place; directories are filled in a hidden
+temporary sibling and renamed into place. What is at the target is checked again at the moment of the
+move, not only when the command started: a file or folder that appeared meanwhile is left alone unless
+the caller was told to replace it (--force) and, for a folder, the folder is one gemx wrote. Temporaries
+are named `.NAME.gemx-PID-XXXX.tmp`; those of a killed run (its process is gone) are removed by the next
+write of the same NAME. Operating-system refusals (read-only folder, full disk, a directory in the way)
+become one GemxError naming the path and the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from gemx.errors import GemxError
+
+TMP_MARK = ".gemx-"
+
+
+def before_replace(path: Path) -> None:
+    """Called between the last check of a target and the move into it (tests make races deterministic here)."""
 
 
 def _umask() -> int:
@@ -21,32 +35,104 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, then move it to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def os_error(e: OSError, path: Path, doing: str = "write") -> GemxError:
+    """One line for an operating-system refusal: `cannot write OUT: no space left on device`."""
+    reason = os.strerror(e.errno).lower() if e.errno else str(e)
+    if e.errno == errno.EISDIR:
+        reason = "it is a directory"
+    return GemxError(f"cannot {doing} {path}: {reason}")
+
+
+def _tmp_sibling(path: Path, directory: bool) -> Path:
+    prefix, parent = f".{path.name}{TMP_MARK}{os.getpid()}-", path.parent
     try:
-        write(Path(tmp))
+        parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(path)
+        if directory:
+            return Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".tmp"))
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=prefix, suffix=".tmp")
+        os.close(fd)
+        return Path(tmp)
+    except OSError as e:
+        raise os_error(e, path) from None
+
+
+def clean_stale(path: Path) -> list[Path]:
+    """Remove temporaries of `path` left by gemx runs that were killed; returns what was removed."""
+    removed = []
+    for tmp in Path(path).parent.glob(f".{glob.escape(Path(path).name)}{TMP_MARK}*.tmp"):
+        pid = tmp.name[len(Path(path).name) + 1 + len(TMP_MARK):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write(path: Path, write: Callable[[Path], object], overwrite: bool = True) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, then move it to `path`.
+
+    With `overwrite=False` the move never replaces anything: a file that appeared at `path` while this one
+    was written is left alone and the write is refused.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise GemxError(f"cannot write {path}: it is a directory")
+    tmp = _tmp_sibling(path, directory=False)
+    try:
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; the final file gets the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        before_replace(path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if anything is there now: no check-then-replace window
+            except FileExistsError:
+                raise GemxError(f"{path} appeared while gemx was writing it; left it alone (pass --force to replace it)") from None
+    except OSError as e:
+        raise os_error(e, path) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it replaces `path` in one rename."""
+def atomic_dir(path: Path, replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success it takes `path`'s place in one rename.
+
+    Whatever is at `path` at that moment is replaced only if `replaceable(path)` says it may be (the
+    caller's --force, and the folder being one gemx wrote); otherwise it is left alone and this raises.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = _tmp_sibling(path, directory=True)
+    old = None
     try:
         yield tmp
         tmp.chmod(0o777 & ~_umask())
-        if path.exists():
-            shutil.rmtree(path)
+        before_replace(path)
+        if path.exists() or path.is_symlink():
+            if replaceable is None or not replaceable(path):
+                raise GemxError(f"{path} appeared or changed while gemx was writing it; left it alone "
+                                "(choose another output, or pass --force if it is gemx's own)")
+            old = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-old.tmp"
+            path.rename(old)
         tmp.rename(path)
+    except OSError as e:
+        if old is not None and not path.exists():
+            old.rename(path)  # put the previous artifact back
+            old = None
+        raise os_error(e, path) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -8,6 +8,7 @@ with --force.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from gemx.errors import GemxError
 from gemx.exporter.contract import Contract
 from gemx.exporter.graphs import FrameGraph, ReferenceEncoderGraph
-from gemx.exporter.manifest import MANIFEST, graph_entry, new_manifest, sha256, write_manifest
+from gemx.exporter.manifest import graph_entry, is_export, new_manifest, sha256, write_manifest
 from gemx.exporter.onnx_export import DEFAULT_OPSET, check_opset, export_graph
 from gemx.exporter.trt_check import TrtReport, check_tensorrt_compat
 from gemx.exporter.validate import FP32_TOLERANCE, ParityRow, check_parity, validation_frames
@@ -84,7 +85,7 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
     manifest = new_manifest(cfg, params, opts.opset, opts.max_refs, refs_list,
                             {"file": ckpt.path.name, "sha256": sha256(ckpt.path)})
     result = ExportResult(out, manifest, frames_source=source)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replaceable=lambda p: opts.force and is_export(p)) as tmp:
         for precision in ("fp32", "fp16") if opts.fp16 else ("fp32",):
             progress(f"exporting {precision} graphs")
             contract = Contract(cfg, precision)
@@ -98,6 +99,8 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
             fp32_paths = None if precision == "fp32" else tuple(tmp / s.file("fp32") for s in contract.graphs)
             rows = check_parity(model, contract, paths, refs_list, frames, reference_paths=fp32_paths)
             result.parity[precision] = rows
+            if not all(math.isfinite(r.max_abs_error) for r in rows):
+                raise GemxError(f"the {precision} graphs produce NaN or Inf on real frames; export refused")
             worst = max(r.max_abs_error for r in rows)
             if precision == "fp32" and worst > FP32_TOLERANCE:
                 raise GemxError(f"exported graphs differ from PyTorch by {worst:.2e} (> {FP32_TOLERANCE}); export refused")
@@ -138,11 +141,12 @@ def _simplify(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
 
 
 def _check_target(out: Path, force: bool) -> None:
+    """Refuse early what the final move would refuse too (it checks again, in case the folder appears meanwhile)."""
     if not out.exists():
         return
     if not out.is_dir():
         raise GemxError(f"{out} exists and is not a directory; choose another --out")
-    if not (out / MANIFEST).exists() and any(out.iterdir()):
+    if not is_export(out):
         raise GemxError(f"{out} exists and is not a gemx export; choose another --out (gemx will not replace it)")
-    if (out / MANIFEST).exists() and not force:
+    if not force:
         raise GemxError(f"{out} already holds an export; pass --force to replace it or choose another --out")

@@ -45,8 +45,15 @@ def _op_counts(proto: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def content_sha256(manifest: dict) -> str:
+    """The manifest's own hash (over every field but this one): a hand-edited manifest no longer matches."""
+    body = {k: v for k, v in manifest.items() if k != "content_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def write_manifest(out_dir: Path, manifest: dict) -> Path:
     path = out_dir / MANIFEST
+    manifest["content_sha256"] = content_sha256(manifest)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     return path
 
@@ -79,6 +86,14 @@ class ExportDir:
         return self.path / self.manifest["precisions"][precision]["graphs"][graph]["file"]
 
 
+def is_export(path: Path) -> bool:
+    """A folder is an export when its manifest says so, not merely because it holds a `manifest.json`."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_export_dir(path: Path, verify: bool = True) -> ExportDir:
     """Open an export directory, refusing one whose files do not match its manifest."""
     path = Path(path)
@@ -89,10 +104,16 @@ def read_export_dir(path: Path, verify: bool = True) -> ExportDir:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise GemxError(f"{mpath} is corrupt ({e}); re-run `gemx export --force`") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise GemxError(f"{mpath} is not a gemx export manifest")
-    if manifest.get("version", 0) > VERSION:
+    if not isinstance(manifest.get("version"), int):
+        raise GemxError(f"{mpath} is malformed (no integer version); re-run `gemx export --force`")
+    if manifest["version"] > VERSION:
         raise GemxError(f"{mpath} has format version {manifest['version']}; this gemx reads up to {VERSION}, upgrade gemx")
+    if manifest.get("content_sha256") != content_sha256(manifest):
+        raise GemxError(f"{mpath} was changed after export (its content no longer matches its recorded sha256); "
+                        "re-run `gemx export --force`")
+    _check_fields(manifest, mpath)
     export = ExportDir(path, manifest)
     if verify:
         for precision, entry in manifest["precisions"].items():
@@ -104,6 +125,33 @@ def read_export_dir(path: Path, verify: bool = True) -> ExportDir:
                     raise GemxError(f"{f} does not match the sha256 in its manifest ({precision}); it was changed "
                                     "after export: re-run `gemx export --force`")
     return export
+
+
+def _check_fields(manifest: dict, mpath: Path) -> None:
+    """Every field a reader uses, with its type; the refs range must be the validated one."""
+    try:
+        ModelConfig.from_dict(manifest["model"]["config"])
+        refs = manifest["refs"]
+        validated = refs["validated"]
+        if not (isinstance(refs["max"], int) and isinstance(validated, list) and validated
+                and all(isinstance(r, int) and r >= 1 for r in validated)):
+            raise TypeError("refs.max and refs.validated must be positive integers")
+        if refs["max"] != max(validated):
+            raise ValueError(f"refs.max {refs['max']} is not the largest validated reference count {max(validated)} "
+                             "(edited by hand?)")
+        precisions = manifest["precisions"]
+        if not isinstance(precisions, dict) or "fp32" not in precisions:
+            raise TypeError("precisions must map fp32 (and more) to graphs")
+        for entry in precisions.values():
+            for graph in ("reference_encoder", "frame"):
+                g = entry["graphs"][graph]
+                if not (isinstance(g["file"], str) and "/" not in g["file"] and isinstance(g["sha256"], str)):
+                    raise TypeError(f"graph entry {graph} needs a plain file name and a sha256")
+    except GemxError as e:
+        raise GemxError(f"{mpath}: {e}; re-run `gemx export --force`") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise GemxError(f"{mpath} is malformed ({what}); re-run `gemx export --force`") from None
 
 
 def new_manifest(config: ModelConfig, params: int, opset: int, max_refs: int, validated: list[int], source: dict) -> dict:

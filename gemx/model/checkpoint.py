@@ -61,16 +61,30 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (zipfile.BadZipFile, EOFError, RuntimeError) as e:
         raise GemxError(f"checkpoint {path} is truncated or corrupt ({_first_line(e)}); re-download or re-train it") from None
-    except Exception as e:  # weights_only refusing a pickled object, or an unknown file entirely
-        raise GemxError(f"checkpoint {path} is not a gemx checkpoint ({_first_line(e)})") from None
+    except Exception:  # weights_only refusing a pickled object, or an unknown file entirely
+        raise GemxError(f"checkpoint {path} is not a gemx checkpoint: it is not a weights-only PyTorch file "
+                        "(gemx loads only plain tensors and settings, never pickled code)") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise GemxError(f"{path} is not a gemx checkpoint (no '{FORMAT}' header); gemx loads checkpoints written by `gemx train`")
     if payload.get("version", 0) > VERSION:
         raise GemxError(f"checkpoint {path} has format version {payload['version']}; this gemx reads up to {VERSION}, upgrade gemx")
-    model = build_model(ModelConfig.from_dict(payload["config"]))
-    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    try:
+        model = build_model(ModelConfig.from_dict(payload.get("config")))
+    except GemxError as e:
+        raise GemxError(f"checkpoint {path}: {e}") from None
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GemxError(f"checkpoint {path} has no state dict of tensors; gemx loads checkpoints written by `gemx train`")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a weight of the wrong shape
+        raise GemxError(f"checkpoint {path} does not match its own config ({_first_line(e).split(': ', 1)[-1]})") from None
     if missing or unexpected:
         raise GemxError(f"checkpoint {path} does not match its own config (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise GemxError(f"checkpoint {path} has non-finite weights (NaN or Inf in {', '.join(bad[:3])}); "
+                        "it cannot produce frames: use an earlier checkpoint of the run")
     model.eval()
     return Checkpoint(model, payload.get("meta", {}), payload.get("train_state"), path)
 

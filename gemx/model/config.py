@@ -40,7 +40,16 @@ class ModelConfig:
     preset: str = "custom"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        for name in ("size", "scale", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GemxError(f"model config: {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.channels, (list, tuple)) or not all(isinstance(c, int) and not isinstance(c, bool) for c in self.channels):
+            raise GemxError(f"model config: channels must be three positive integers, got {self.channels!r}")
+        for name in ("robust", "residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise GemxError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
+        object.__setattr__(self, "channels", tuple(self.channels))
         if self.arch not in ARCHS:
             raise GemxError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.scale not in SCALES:
@@ -90,6 +99,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise GemxError(f"model config must be a mapping of fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

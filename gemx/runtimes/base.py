@@ -103,7 +103,7 @@ class Session(ABC):
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
             raise GemxError(f"{name} holds NaN or Inf values; send float32 pixels in [0, 1]")
-        if x.min() < -PIXEL_SLACK or x.max() > 1 + PIXEL_SLACK:
+        if x.size and (x.min() < -PIXEL_SLACK or x.max() > 1 + PIXEL_SLACK):
             raise GemxError(f"{name} has values in [{x.min():.3g}, {x.max():.3g}]; send float32 pixels in [0, 1] "
                             "(divide 8-bit pixels by 255)")
         return x

@@ -20,7 +20,7 @@ from gemx.exporter.manifest import ExportDir, read_export_dir, sha256
 from gemx.exporter.validate import psnr_db, validation_frames
 from gemx.fs import atomic_dir, atomic_write
 from gemx.model.lr import downsample
-from gemx.runtimes.build_record import RECORD, engine_dir, write_record
+from gemx.runtimes.build_record import RECORD, engine_dir, is_build, write_record
 from gemx.runtimes.gpu import detect_gpu, tensorrt_version
 
 ORT_CPU_DIR = "ort_cpu"
@@ -64,6 +64,8 @@ def build(export_path: Path, opts: BuildOptions, progress=lambda msg: None) -> B
 
 
 def _claim(out: Path, force: bool) -> None:
+    if out.exists() and not is_build(out):
+        raise GemxError(f"{out} exists and is not a gemx build; move it away (gemx will not replace it)")
     if out.exists() and not force:
         raise GemxError(f"{out} already holds a build; pass --force to rebuild it")
 
@@ -73,7 +75,7 @@ def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResul
 
     out = export.path / ORT_CPU_DIR
     _claim(out, opts.force)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replaceable=lambda p: opts.force and is_build(p)) as tmp:
         graphs = {}
         for graph in ("reference_encoder", "frame"):
             progress(f"optimizing {graph} for the CPU provider")
@@ -116,7 +118,7 @@ def build_tensorrt(export: ExportDir, opts: BuildOptions, refs_max: int, progres
     _claim(out, opts.force)
     gpu, _ = detect_gpu()
     engines, cache = {}, opts.timing_cache or export.path / "timing.cache"
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replaceable=lambda p: opts.force and is_build(p)) as tmp:
         for spec in contract.graphs:
             progress(f"building {spec.name} engine ({precision}, refs {opts.refs_min}/{opts.refs_opt}/{refs_max})")
             profile = Profile()
@@ -162,6 +164,8 @@ def accuracy_gate(export: ExportDir, session, refs: int) -> dict:
         want, got = reference(t[None]), session(t[None])
         worst_psnr = min(worst_psnr, psnr_db(got, want))
         worst_err = max(worst_err, float(np.abs(got - want).max()))
+    if not np.isfinite(worst_err):
+        raise GemxError(f"the built {session.name} graphs produce NaN or Inf on real frames; the build is not usable")
     return {"psnr_db": worst_psnr, "max_abs_error": worst_err, "refs": refs, "frames": len(targets), "source": source}
 
 

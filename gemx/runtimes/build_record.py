@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from gemx.errors import GemxError
-from gemx.exporter.manifest import ExportDir
+from gemx.exporter.manifest import ExportDir, sha256
 from gemx.fs import atomic_write
 from gemx.runtimes.gpu import detect_gpu, tensorrt_version
 
@@ -17,16 +17,48 @@ def engine_dir(precision: str) -> str:
     return f"engines_{precision}"
 
 
+def _artifacts(record: dict) -> dict[str, str]:
+    return record.get("engines") or record.get("graphs") or {}
+
+
 def write_record(path: Path, record: dict) -> None:
+    """The record, with the sha256 of every artifact it names (a reader verifies them before loading)."""
+    record["artifacts_sha256"] = {f: sha256(path / f) for f in _artifacts(record).values()}
     atomic_write(path / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
 
+def is_build(path: Path) -> bool:
+    try:
+        return json.loads((Path(path) / RECORD).read_text()).get("target") in ("ort-cpu", "tensorrt")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_record(path: Path, export: ExportDir) -> dict:
+    """A build directory's record, refusing a corrupt record or an artifact whose bytes changed since the build."""
+    rebuild = f"rebuild with `gemx build {export.path} --force`"
+    try:
+        record = json.loads((path / RECORD).read_text())
+        artifacts, hashes = _artifacts(record), record["artifacts_sha256"]
+        if not isinstance(record["onnx_sha256"], dict) or not artifacts or set(artifacts.values()) != set(hashes):
+            raise ValueError("it names no artifacts, or artifacts without a sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise GemxError(f"the build record {path / RECORD} is corrupt ({e}); {rebuild}") from None
+    for name, want in hashes.items():
+        f = path / name
+        if not f.is_file():
+            raise GemxError(f"{f} named by the build record is missing; {rebuild}")
+        if sha256(f) != want:
+            raise GemxError(f"{f} does not match the sha256 in its build record (changed after the build); {rebuild}")
+    return record
+
+
 def read_engine_record(export: ExportDir, precision: str) -> dict:
-    path = export.path / engine_dir(precision) / RECORD
-    if not path.exists():
+    path = export.path / engine_dir(precision)
+    if not (path / RECORD).exists():
         raise GemxError(f"no {precision} TensorRT engines in {export.path}; build them with `gemx build {export.path}"
                         f"{' --fp16' if precision == 'fp16' else ''}` on the GPU that will run them")
-    record = json.loads(path.read_text())
+    record = read_record(path, export)
     record["dir"] = engine_dir(precision)
     return record
 

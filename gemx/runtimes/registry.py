@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from gemx.errors import GemxError
@@ -75,16 +74,17 @@ def open_session(runtime: str, export_path: Path, precision: str = "fp32", threa
 def _ort_cpu_build(export) -> dict[str, Path] | None:
     """The ORT-optimized CPU graphs from `gemx build`, when present and built from these exact graphs.
 
-    The export's files were just verified against the manifest's sha256, so the manifest is the reference.
+    The export's files were just verified against the manifest's sha256, so the manifest is the reference;
+    the optimized graphs are verified against their build record.
     """
     from gemx.runtimes.build import ORT_CPU_DIR
-    from gemx.runtimes.build_record import RECORD
+    from gemx.runtimes.build_record import RECORD, read_record
 
-    path = export.path / ORT_CPU_DIR / RECORD
-    if not path.exists():
+    path = export.path / ORT_CPU_DIR
+    if not (path / RECORD).exists():
         return None
-    record = json.loads(path.read_text())
+    record = read_record(path, export)
     built_from = export.manifest["precisions"]["fp32"]["graphs"]
     if any(built_from[g]["sha256"] != sha for g, sha in record["onnx_sha256"].items()):
         return None
-    return {g: export.path / ORT_CPU_DIR / f for g, f in record["graphs"].items()}
+    return {g: path / f for g, f in record["graphs"].items()}

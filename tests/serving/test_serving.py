@@ -110,7 +110,7 @@ def test_config_parses_with_tritons_protobuf_and_follows_the_contract(repo, tiny
     inputs = {i.name: list(i.dims) for i in config.input}
     assert inputs == {"references": [-1, 3, 64, 64], "target_lr": list(contract.frame.inputs[0].shape)}
     assert {i.name for i in config.input if i.optional} == {"references", "target_lr"}
-    assert [o.name for o in config.output][0] == contract.frame.outputs[0].name
+    assert config.output[0].name == contract.frame.outputs[0].name
     assert list(config.output[0].dims) == list(contract.frame.outputs[0].shape)
     assert config.sequence_batching.max_sequence_idle_microseconds == int(IDLE_S * 1e6)
     assert {c.name for c in config.sequence_batching.control_input} == {"START", "END", "CORRID"}
