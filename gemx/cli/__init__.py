@@ -4,9 +4,12 @@ One module per command group, each thin; every command's work is a library funct
 becomes one red line (printed literally) and exit code 1.
 """
 
+import signal
+
 from gemx.cli import models, profile, serve, training, video  # noqa: F401  (registers the commands)
 from gemx.cli._app import app
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     app(prog_name="gemx")

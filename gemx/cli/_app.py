@@ -7,8 +7,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from gemx.errors import GemxError
+from gemx.fs import os_error
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
@@ -22,17 +24,35 @@ def _root() -> None:
     """gemx: deploy multi-reference talking-head super-resolution (export, build, profile, upscale, serve)."""
 
 
+def lit(value: object) -> str:
+    """A user's value (a path, a file name) inside rich markup, shown literally: `run[final].pt` stays whole."""
+    return escape(str(value))
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print("[bold red]error:[/] ", end="", highlight=False)
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # literal: paths may hold [brackets]
+    return typer.Exit(code)
+
+
 def command(fn):
-    """Register a CLI command whose GemxErrors are reported as one line, not a traceback."""
+    """Register a CLI command whose user-caused failures are one line and a non-zero exit, not a traceback.
+
+    GemxErrors say what was wrong; the operating system's refusals (read-only folder, full disk) name the
+    path and the reason; Ctrl-C and SIGTERM stop the command after its atomic writes have cleaned up.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except GemxError as e:
-            err_console.print("[bold red]error:[/] ", end="", highlight=False)
-            err_console.print(str(e), markup=False, highlight=False, soft_wrap=True)  # literal: paths may hold [brackets]
-            raise typer.Exit(1) from None
+            raise fail(str(e)) from None
+        except OSError as e:
+            path = e.filename if e.filename is not None else "a file"
+            raise fail(str(os_error(e, path, "access"))) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted; nothing half-written was left behind", 130) from None
 
     return app.command()(wrapper)
 
@@ -63,3 +83,14 @@ def _int_list(text: str, what: str) -> list[int]:
     if not values or min(values) < 1:
         raise GemxError(f"{what} must be positive integers, got {text!r}")
     return values
+
+
+def check_outputs(paths: list[Path | None], force: bool) -> None:
+    """Refuse, before any work, output files that exist (without --force) or cannot be files."""
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            raise GemxError(f"cannot write {path}: it is a directory")
+        if path.exists() and not force:
+            raise GemxError(f"{path} already exists; pass --force to replace it or choose another file")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from gemx.cli._app import _load_model, _si, command, console
+from gemx.cli._app import _load_model, _si, command, console, lit
 
 
 @command
@@ -47,13 +47,14 @@ def export(
     max_refs: Annotated[int, typer.Option(help="largest reference count the graphs are validated for")] = 10,
     fp16: Annotated[bool, typer.Option("--fp16", help="also write mixed-precision FP16 graphs (softmax and logits in FP32)")] = False,
     simplify: Annotated[bool, typer.Option("--simplify", help="simplify graphs with onnxslim, parity re-checked")] = False,
+    frames: Annotated[Path | None, typer.Option(help="video to check parity on (default: synthetic frames)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing export directory")] = False,
 ):
     """Export split ONNX graphs (reference encoder + per-frame) with a dynamic `refs` axis and a manifest."""
     from gemx.exporter.export import ExportOptions
     from gemx.exporter.export import export as run_export
 
-    opts = ExportOptions(out, block_size, opset, max_refs, fp16, simplify, force)
+    opts = ExportOptions(out, block_size, opset, max_refs, fp16, simplify, force, frames)
     with console.status("exporting") as status:
         result = run_export(ckpt, opts, progress=lambda msg: status.update(msg))
     render_export(result)
@@ -82,7 +83,7 @@ def render_export(result) -> None:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(r.op_counts.items()))
         trt.add_row(r.graph, ops, "[green]ok[/]" if r.ok else "[red]" + "; ".join(r.problems[:3]) + "[/]")
     console.print(trt)
-    console.print(f"wrote [bold]{result.path}[/] (refs 1..{result.manifest['refs']['max']}, opset {result.manifest['opset']})")
+    console.print(f"wrote [bold]{lit(result.path)}[/] (refs 1..{result.manifest['refs']['max']}, opset {result.manifest['opset']})")
 
 
 @command
@@ -93,19 +94,20 @@ def build(
     refs_opt: Annotated[int, typer.Option(help="reference count TensorRT tunes for")] = 5,
     refs_max: Annotated[int | None, typer.Option(help="largest reference count (default: the export's max)")] = None,
     timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache to reuse across builds")] = None,
+    frames: Annotated[Path | None, typer.Option(help="video to check accuracy on (default: synthetic frames)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing build")] = False,
 ):
     """Build TensorRT engines (GPU) or ORT-optimized CPU graphs, then check their accuracy against FP32 ONNX."""
     from gemx.runtimes.build import BuildOptions
     from gemx.runtimes.build import build as run_build
 
-    opts = BuildOptions(fp16, refs_min, refs_opt, refs_max, timing_cache, force)
+    opts = BuildOptions(fp16, refs_min, refs_opt, refs_max, timing_cache, force, frames)
     with console.status("building") as status:
         result = run_build(export_dir, opts, progress=lambda msg: status.update(msg))
     if result.target == "ort-cpu":
         console.print("no NVIDIA GPU/TensorRT here: wrote [bold]ONNX Runtime-optimized graphs for the CPU provider[/]")
     acc = result.accuracy
-    console.print(f"wrote [bold]{result.path}[/]; accuracy vs FP32 ONNX on {acc['frames']} frames of {acc['source']} "
+    console.print(f"wrote [bold]{lit(result.path)}[/]; accuracy vs FP32 ONNX on {acc['frames']} frames of {lit(acc['source'])} "
                   f"at {acc['refs']} refs: PSNR {acc['psnr_db']:.1f} dB, max abs error {acc['max_abs_error']:.2e}")
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from gemx.cli._app import _int_list, command, console
+from gemx.cli._app import _int_list, check_outputs, command, console
 
 
 @command
@@ -26,6 +26,7 @@ def profile(
     json_out: Annotated[Path | None, typer.Option("--json", help="write every figure and the machine as JSON")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="write every figure as CSV")] = None,
     plot_out: Annotated[Path | None, typer.Option("--plot", help="write a latency-vs-references plot (.png)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace existing --json/--csv/--plot files")] = False,
 ):
     """Measure reference encoding and per-frame latency, memory and FLOPs across refs, block sizes and runtimes."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -34,6 +35,8 @@ def profile(
     from gemx.profiles.sweep import ProfileOptions
     from gemx.profiles.sweep import profile as run_profile
 
+    outputs = ((json_out, report.write_json), (csv_out, report.write_csv), (plot_out, report.plot))
+    check_outputs([path for path, _ in outputs], force)  # before the sweep, not after it
     opts = ProfileOptions(_int_list(refs, "--refs"), _int_list(block_sizes, "--block-sizes") if block_sizes else None,
                           [r.strip() for r in runtime.split(",") if r.strip()], fp16, warmup, iters, seconds, threads, cache_dir, naive)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
@@ -43,7 +46,7 @@ def profile(
     console.print(report.table(result))
     if result.interrupted:
         console.print("[yellow]interrupted: showing and writing the rows measured so far[/]")
-    for path, write in ((json_out, report.write_json), (csv_out, report.write_csv), (plot_out, report.plot)):
+    for path, write in outputs:
         if path is not None:
-            write(result, path)
-            console.print(f"wrote {path}")
+            write(result, path, overwrite=force)
+            console.print(f"wrote {path}", markup=False, highlight=False)

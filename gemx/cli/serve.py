@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from gemx.cli._app import _int_list, command, console
+from gemx.cli._app import _int_list, check_outputs, command, console, lit
 from gemx.errors import GemxError
 
 
@@ -36,7 +35,7 @@ def triton(
     opts = TritonOptions(runtime, precision, max_refs, max_streams, kv_budget_mb, idle_timeout, threads, instances, force)
     repo = write_repository(export_dir, out, opts)
     limits = repo.manifest["limits"]
-    console.print(f"wrote [bold]{repo.path}[/]: model gemx on {opts.runtime} {opts.precision}, up to {limits['max_refs']} "
+    console.print(f"wrote [bold]{lit(repo.path)}[/]: model gemx on {opts.runtime} {opts.precision}, up to {limits['max_refs']} "
                   f"references and {limits['max_streams']} open streams, {limits['kv_budget_mb']:g} MB of keys/values "
                   f"({repo.manifest['kv_bytes_per_reference'] / 2**20:.1f} MB per reference)", highlight=False)
     console.print(f"serve it with: gemx serve {repo.path}", highlight=False, markup=False)
@@ -54,11 +53,10 @@ def serve(
     from gemx.serving.server import TritonServer
 
     server = TritonServer(repo, grpc_port, http_port, metrics_port, log_path=log)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the server like Ctrl-C
     with console.status("starting tritonserver"):
         server.start()
     try:
-        console.print(f"serving [bold]{repo}[/] on grpc {server.grpc_url} (streams), {server.http_url} (health), "
+        console.print(f"serving [bold]{lit(repo)}[/] on grpc {server.grpc_url} (streams), {server.http_url} (health), "
                       f"metrics :{server.metrics_port}; Ctrl-C stops it", highlight=False)
         while server.process.poll() is None:
             time.sleep(0.5)
@@ -89,9 +87,9 @@ def stream(
         result = upscale(input, output, opts, status=lambda msg: status.update(msg),
                          progress=lambda done, total: status.update(f"streaming frame {done}/{total or '?'}"), session=remote)
         recoveries = remote.recoveries
-    console.print(f"references: frames {result.reference_indices} of {result.reference_source} "
+    console.print(f"references: frames {result.reference_indices} of {lit(result.reference_source)} "
                   f"(sent {result.encoder_runs}x, recovered {recoveries}x)", highlight=False)
-    console.print(f"wrote [bold]{result.output}[/]: {result.frames} frames, {result.size}x{result.size}, "
+    console.print(f"wrote [bold]{lit(result.output)}[/]: {result.frames} frames, {result.size}x{result.size}, "
                   f"{float(result.fps):.2f} fps, via {result.runtime}", highlight=False)
     for name, m in result.metrics.items():
         console.print(f"  {name:8s} PSNR {m['psnr']:.2f} dB   SSIM {m['ssim_db']:.2f} dB")
@@ -113,8 +111,7 @@ def loadtest(
     from gemx.serving.loadtest import LoadOptions
     from gemx.serving.loadtest import loadtest as run_loadtest
 
-    if json_out is not None and json_out.exists() and not force:
-        raise GemxError(f"{json_out} already exists; pass --force to replace it or choose another --json")
+    check_outputs([json_out], force)
     frames = _video_frames(video, url) if video is not None else None
     opts = LoadOptions(_int_list(streams, "--streams"), fps, seconds, refs, frames, repo)
     with console.status("load test") as status:
@@ -139,16 +136,15 @@ def loadtest(
 
         data = {"url": url, "fps": fps, "seconds": seconds, "refs": refs, "frames": result.frame_source,
                 "max_streams": result.max_streams, "overhead": result.overhead, "rows": [asdict(r) for r in result.rows]}
-        atomic_write(json_out, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+        atomic_write(json_out, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"), overwrite=force)
         console.print(f"wrote {json_out}", markup=False, highlight=False)
 
 
 def _video_frames(video: Path, url: str):
     import numpy as np
 
+    from gemx.frames import read_frames, square_crop_resize, to_tensor
     from gemx.serving.client import RemoteStream
-    from gemx.train.data import to_tensor
-    from gemx.video.io import read_frames, square_crop_resize
 
     with RemoteStream(url) as probe:
         size = probe.contract.config.size

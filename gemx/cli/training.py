@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from gemx.cli._app import command, console
+from gemx.cli._app import check_outputs, command, console, lit
 from gemx.errors import GemxError
+from gemx.fs import atomic_write
 
 
 @command
@@ -27,7 +28,7 @@ def train(
     mismatch: Annotated[float, typer.Option(help="share of samples with references from another person")] = 0.0,
     init_from: Annotated[Path | None, typer.Option(help="warm-start from this checkpoint (new input channels start at zero)")] = None,
     vgg_weights: Annotated[Path | None, typer.Option(help="torchvision VGG-19 state dict for the feature-matching loss")] = None,
-    videos: Annotated[Path | None, typer.Option(help="folder of talking-head .mp4 clips (default: ../shared/data/videos)")] = None,
+    videos: Annotated[Path | None, typer.Option(help="folder of talking-head .mp4 clips (required; split by person)")] = None,
     seed: Annotated[int, typer.Option(help="seed: the same seed gives the same run")] = 0,
     threads: Annotated[int | None, typer.Option(help="CPU threads")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 200,
@@ -37,12 +38,12 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from gemx.model.config import preset as make_preset
-    from gemx.train.data import SHARED_VIDEOS, split_videos
+    from gemx.train.data import split_videos
     from gemx.train.loop import TrainConfig
     from gemx.train.loop import train as run_train
 
     cfg = make_preset(preset, arch=arch, robust=robust, residual=residual, scale=scale)
-    train_videos, _ = split_videos(videos or SHARED_VIDEOS)
+    train_videos, _ = split_videos(videos)
     tc = TrainConfig(steps, batch_size, crop, lr, seed, mismatch, checkpoint_every,
                      str(init_from) if init_from else None, str(vgg_weights) if vgg_weights else None, threads)
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
@@ -55,16 +56,17 @@ def train(
             bar.update(task, completed=step, loss=loss, rate=f"{speed:.2f}" if speed else "-")
 
         run_train(cfg, tc, train_videos, out, force=force, progress=advance)
-    console.print(f"wrote [bold]{out}[/]")
+    console.print(f"wrote [bold]{lit(out)}[/]")
 
 
 @command
 def eval(
     ckpt: Annotated[list[Path], typer.Argument(help="checkpoints to compare (attention models and/or SISR baselines)")],
-    videos: Annotated[Path | None, typer.Option(help="folder of talking-head .mp4 clips (default: ../shared/data/videos)")] = None,
+    videos: Annotated[Path | None, typer.Option(help="folder of talking-head .mp4 clips (required; split by person)")] = None,
     stride: Annotated[int, typer.Option(help="evaluate every Nth test frame")] = 2,
     lpips_weights: Annotated[Path | None, typer.Option(help="LPIPS-VGG weights (VGG-16 features + lin0..4) to also report LPIPS")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the table as JSON")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --json file")] = False,
 ):
     """The paper's quality table on the held-out test split: PSNR and SSIM (dB), mean and 5th/1st percentiles."""
     import json as _json
@@ -73,16 +75,17 @@ def eval(
     from rich.progress import Progress
 
     from gemx.model import load_checkpoint
-    from gemx.train.data import SHARED_VIDEOS, split_videos
+    from gemx.train.data import split_videos
     from gemx.train.evaluate import evaluate
 
+    check_outputs([json_out], force)
     loaded = [load_checkpoint(p) for p in ckpt]
     configs = {(c.config.size, c.config.scale) for c in loaded}
     if len(configs) > 1:
         raise GemxError(f"checkpoints differ in frame size or scale ({sorted(configs)}); compare like with like")
     size, scale = configs.pop()
     models = {p.stem: c.model for p, c in zip(ckpt, loaded, strict=True)}
-    _, test_videos = split_videos(videos or SHARED_VIDEOS)
+    _, test_videos = split_videos(videos)
     lpips = None
     if lpips_weights is not None:
         from gemx.lpips import LPIPS
@@ -105,5 +108,5 @@ def eval(
     if lpips is None:
         console.print("[dim]LPIPS not computed: pass --lpips-weights (its weights cannot be downloaded here).[/]")
     if json_out:
-        json_out.write_text(_json.dumps([asdict(r) for r in rows], indent=2) + "\n")
-        console.print(f"wrote {json_out}")
+        atomic_write(json_out, lambda tmp: tmp.write_text(_json.dumps([asdict(r) for r in rows], indent=2) + "\n"), overwrite=force)
+        console.print(f"wrote {json_out}", markup=False, highlight=False)

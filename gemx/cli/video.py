@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from gemx.cli._app import command, console
+from gemx.cli._app import command, console, lit
 from gemx.errors import GemxError
 
 
@@ -50,8 +50,8 @@ def upscale(
             bar.update(task, completed=done, total=total or None, rate=f"{speed:.1f}" if speed else "-")
 
         result = run_upscale(input, output, opts, ckpt, progress=advance, status=lambda msg: bar.update(task, description=msg))
-    console.print(f"references: frames {result.reference_indices} of {result.reference_source} (encoded {result.encoder_runs}x)")
-    console.print(f"wrote [bold]{result.output}[/]: {result.frames} frames, {result.size}x{result.size}, {float(result.fps):.2f} fps, "
+    console.print(f"references: frames {result.reference_indices} of {lit(result.reference_source)} (encoded {result.encoder_runs}x)")
+    console.print(f"wrote [bold]{lit(result.output)}[/]: {result.frames} frames, {result.size}x{result.size}, {float(result.fps):.2f} fps, "
                   f"runtime {result.runtime}")
     if result.metrics:
         for name, m in result.metrics.items():

@@ -15,14 +15,15 @@ from pathlib import Path
 import onnx
 import torch
 
-from gemx.errors import GemxError
+from gemx.errors import GemxError, check_positive
 from gemx.exporter.contract import Contract
 from gemx.exporter.graphs import FrameGraph, ReferenceEncoderGraph
 from gemx.exporter.manifest import graph_entry, is_export, new_manifest, sha256, write_manifest
-from gemx.exporter.onnx_export import DEFAULT_OPSET, check_opset, export_graph
+from gemx.exporter.onnx_export import DEFAULT_OPSET, check_opset, export_graph, strip_build_metadata
 from gemx.exporter.trt_check import TrtReport, check_tensorrt_compat
-from gemx.exporter.validate import FP32_TOLERANCE, ParityRow, check_parity, validation_frames
-from gemx.fs import atomic_dir
+from gemx.exporter.validate import FP32_TOLERANCE, ParityRow, check_parity
+from gemx.frames import sample_frames
+from gemx.fs import atomic_dir, atomic_write
 from gemx.model.checkpoint import Checkpoint, load_checkpoint
 from gemx.model.network import GeminoAttention, build_model
 
@@ -38,6 +39,10 @@ class ExportOptions:
     fp16: bool = False
     simplify: bool = False
     force: bool = False
+    frames: Path | None = None  # a video to check parity on (synthetic frames without one)
+
+    def __post_init__(self) -> None:
+        check_positive(block_size=self.block_size, max_refs=self.max_refs)
 
 
 @dataclass
@@ -80,7 +85,7 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
     out = Path(opts.out) if opts.out else default_out_dir(ckpt, cfg.block_size)
     _check_target(out, opts.force)
     refs_list = sorted({r for r in (*VALIDATE_REFS, opts.max_refs) if r <= opts.max_refs})
-    frames, source = validation_frames(cfg.size, max(refs_list) + 1)
+    frames, source = sample_frames(cfg.size, max(refs_list) + 1, opts.frames)
     params = sum(p.numel() for p in model.parameters())
     manifest = new_manifest(cfg, params, opts.opset, opts.max_refs, refs_list,
                             {"file": ckpt.path.name, "sha256": sha256(ckpt.path)})
@@ -136,7 +141,8 @@ def _simplify(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     except ImportError:
         raise GemxError("--simplify needs onnxslim: pip install 'gemx[simplify]'") from None
     slim = onnxslim.slim(proto)
-    onnx.save(slim, str(path))
+    strip_build_metadata(slim)
+    atomic_write(path, lambda tmp: onnx.save(slim, str(tmp)))
     return slim
 
 

@@ -42,6 +42,7 @@ def export_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, refs_axe
         program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True, verbose=False)
     proto = program.model_proto
     conform_to_contract(proto, spec)
+    strip_build_metadata(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
@@ -70,6 +71,25 @@ def conform_to_contract(proto: onnx.ModelProto, spec: GraphSpec) -> None:
         node.output[:] = [renames.get(n, n) for n in node.output]
     for vi in g.value_info:
         vi.name = renames.get(vi.name, vi.name)
+
+
+def strip_build_metadata(proto: onnx.ModelProto) -> None:
+    """Drop what only the exporting machine knew: per-node stack traces with absolute source paths, FX node
+    text, module hierarchies, the exported program's signature. A deployment needs none of it, and without
+    it the same checkpoint and options give byte-identical graphs wherever gemx is installed."""
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    for graph in graphs:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    g = proto.graph
+    for values in (g.input, g.output, g.value_info, g.initializer):
+        for v in values:
+            del v.metadata_props[:]
+    del g.metadata_props[:]
+    g.doc_string = ""
+    del proto.metadata_props[:]
+    proto.doc_string = ""
 
 
 @contextlib.contextmanager

@@ -63,24 +63,3 @@ def check_parity(model: GeminoAttention, contract: Contract, paths: tuple[Path, 
         got = run_pipeline(encoder, frame, contract, refs.numpy(), target_lr.numpy())
         rows.append(ParityRow(r, float(np.abs(got - want).max()), psnr_db(got, want)))
     return rows
-
-
-def validation_frames(size: int, count: int, video: Path | None = None) -> tuple[torch.Tensor, str]:
-    """Frames to check numerics on: spaced frames of a real video when one is at hand, otherwise a
-    deterministic smooth synthetic sequence. Returns the frames [count, 3, size, size] and their source."""
-    from gemx.train.data import SHARED_VIDEOS, TEST_SPLIT
-
-    if video is None:
-        candidates = [SHARED_VIDEOS / f"{name}.mp4" for name in TEST_SPLIT]
-        video = next((v for v in candidates if v.exists()), None)
-    if video is not None and Path(video).exists():
-        from gemx.train.data import to_tensor
-        from gemx.video.io import read_frames, square_crop_resize
-
-        raw = read_frames(video, limit=15 * count)
-        picks = raw[np.linspace(0, len(raw) - 1, count).astype(int)]
-        return to_tensor(np.stack([square_crop_resize(f, size) for f in picks])), Path(video).name
-    g = torch.Generator().manual_seed(0)
-    coarse = torch.rand(count, 3, max(size // 16, 2), max(size // 16, 2), generator=g)
-    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-    return (smooth + 0.05 * torch.rand(count, 3, size, size, generator=g)).clamp(0, 1), "synthetic frames"

@@ -45,11 +45,11 @@ def table(result: ProfileResult) -> Table:
     return t
 
 
-def write_json(result: ProfileResult, path: Path) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n"))
+def write_json(result: ProfileResult, path: Path, overwrite: bool = False) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n"), overwrite)
 
 
-def write_csv(result: ProfileResult, path: Path) -> None:
+def write_csv(result: ProfileResult, path: Path, overwrite: bool = False) -> None:
     machine = {"cpu": result.machine["cpu"], "threads": result.machine["threads"],
                "gpu": (result.machine["gpu"] or {}).get("name", ""), **{f"{k}_version": v for k, v in result.machine["versions"].items()}}
 
@@ -60,10 +60,10 @@ def write_csv(result: ProfileResult, path: Path) -> None:
             for r in result.rows:
                 w.writerow({**asdict(r), **machine})
 
-    atomic_write(path, write)
+    atomic_write(path, write, overwrite)
 
 
-def plot(result: ProfileResult, path: Path) -> None:
+def plot(result: ProfileResult, path: Path, overwrite: bool = False) -> None:
     """Per-frame p50 latency vs reference count, one line per block size and runtime."""
     import matplotlib
 
@@ -88,5 +88,5 @@ def plot(result: ProfileResult, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"), overwrite)
     plt.close(fig)

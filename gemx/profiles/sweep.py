@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemx.errors import GemxError
+from gemx.errors import GemxError, check_positive
 from gemx.exporter.cache import cached_export
 from gemx.exporter.export import with_block_size
 from gemx.exporter.manifest import read_export_dir
@@ -40,6 +40,16 @@ class ProfileOptions:
     threads: int | None = None
     cache_dir: Path | None = None
     naive: bool = True
+
+    def __post_init__(self) -> None:
+        check_positive(iters=self.iters, threads=self.threads)
+        if not self.refs:
+            raise GemxError("--refs needs at least one reference count")
+        for name, values in (("refs", self.refs), ("block_sizes", self.block_sizes or [])):
+            for value in values:
+                check_positive(**{name: value})
+        if self.warmup < 0 or (self.seconds is not None and not self.seconds > 0):
+            raise GemxError(f"--warmup must be 0 or more and --seconds positive, got {self.warmup} and {self.seconds}")
 
 
 @dataclass

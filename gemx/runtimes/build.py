@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gemx.errors import GemxError
+from gemx.errors import GemxError, check_positive
 from gemx.exporter.manifest import ExportDir, read_export_dir, sha256
-from gemx.exporter.validate import psnr_db, validation_frames
+from gemx.exporter.validate import psnr_db
+from gemx.frames import sample_frames
 from gemx.fs import atomic_dir, atomic_write
 from gemx.model.lr import downsample
 from gemx.runtimes.build_record import RECORD, engine_dir, is_build, write_record
@@ -34,6 +35,10 @@ class BuildOptions:
     refs_max: int | None = None  # default: the export's max
     timing_cache: Path | None = None
     force: bool = False
+    frames: Path | None = None  # a video to check accuracy on (synthetic frames without one)
+
+    def __post_init__(self) -> None:
+        check_positive(refs_min=self.refs_min, refs_opt=self.refs_opt, refs_max=self.refs_max)
 
 
 @dataclass
@@ -98,7 +103,7 @@ def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResul
     from gemx.runtimes.ort_session import OrtSession
 
     optimized = OrtSession(export, graphs={g: out / f for g, f in graphs.items()})
-    result.accuracy = accuracy_gate(export, optimized, opts.refs_opt)
+    result.accuracy = accuracy_gate(export, optimized, opts.refs_opt, opts.frames)
     _update_record(out, record, result.accuracy)
     return result
 
@@ -144,17 +149,17 @@ def build_tensorrt(export: ExportDir, opts: BuildOptions, refs_max: int, progres
     from gemx.runtimes.trt_session import TensorRTSession
 
     with TensorRTSession(export, precision) as session:
-        result.accuracy = accuracy_gate(export, session, opts.refs_opt)
+        result.accuracy = accuracy_gate(export, session, opts.refs_opt, opts.frames)
     _update_record(out, record, result.accuracy)
     return result
 
 
-def accuracy_gate(export: ExportDir, session, refs: int) -> dict:
-    """Built artifact vs the FP32 ONNX graphs (ONNX Runtime CPU) on real frames."""
+def accuracy_gate(export: ExportDir, session, refs: int, video: Path | None = None) -> dict:
+    """Built artifact vs the FP32 ONNX graphs (ONNX Runtime CPU) on frames of `video` (synthetic without one)."""
     from gemx.runtimes.ort_session import OrtSession
 
     cfg = export.config
-    frames, source = validation_frames(cfg.size, refs + 4)
+    frames, source = sample_frames(cfg.size, refs + 4, video)
     reference = OrtSession(export)
     refs_hr, targets = frames[:refs].numpy(), downsample(frames[refs:], cfg.scale).numpy()
     worst_psnr, worst_err = np.inf, 0.0

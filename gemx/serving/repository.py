@@ -80,7 +80,7 @@ def write_repository(export_path: Path, out: Path, opts: TritonOptions) -> Repos
     contract = export.contract(_contract_precision(opts))
     manifest = {
         "format": FORMAT, "version": VERSION, "gemx_version": gemx.__version__,
-        "export": {"source": str(Path(export_path).resolve()), "sha256": sha256(export.path / MANIFEST),
+        "export": {"name": Path(export_path).resolve().name, "sha256": sha256(export.path / MANIFEST),
                    "checkpoint": export.manifest["model"]["checkpoint"]},
         "runtime": opts.runtime, "precision": opts.precision,
         "limits": {"max_refs": max_refs, "max_streams": opts.max_streams, "kv_budget_mb": opts.kv_budget_mb,

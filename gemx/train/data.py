@@ -6,8 +6,6 @@ and memory-mapped, so an epoch never re-decodes video.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,34 +13,16 @@ import numpy as np
 import torch
 
 from gemx.errors import GemxError
-from gemx.video.io import iter_frames, square_crop_resize
+from gemx.frames import to_tensor
 
-SHARED_VIDEOS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "videos"
 TEST_SPLIT = ("retalk5_woman_glasses", "liveportrait_d12_man_webcam", "styletalk_feifeili_clip1")
 MIN_REFERENCE_GAP = 15  # the paper found references 15+ frames away better than neighbours
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("GEMX_CACHE", Path.home() / ".cache" / "gemx"))
-
-
-def cached_frames(video: Path, size: int, cache_dir: Path | None = None) -> np.ndarray:
-    """The video's frames at size x size, decoded on first use and memory-mapped afterwards."""
-    video = Path(video)
-    stat = video.stat()
-    key = hashlib.sha1(f"{video.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{size}".encode()).hexdigest()[:12]
-    path = (cache_dir or default_cache_dir()) / "frames" / f"{video.stem}-{size}-{key}.npy"
-    if not path.exists():
-        frames = np.stack([square_crop_resize(f, size) for f in iter_frames(video)])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, frames)
-        os.replace(tmp, path)
-    return np.load(path, mmap_mode="r")
-
-
-def split_videos(video_dir: Path = SHARED_VIDEOS) -> tuple[list[Path], list[Path]]:
+def split_videos(video_dir: Path | None) -> tuple[list[Path], list[Path]]:
     """(train, test) videos, split by person as the data README suggests."""
+    if video_dir is None:
+        raise GemxError("name the talking-head clips to use: pass --videos DIR (a folder of .mp4 videos)")
     videos = sorted(Path(video_dir).glob("*.mp4"))
     if not videos:
         raise GemxError(f"no .mp4 videos in {video_dir}; pass --videos DIR with talking-head clips")
@@ -99,14 +79,3 @@ class ReferencePairs:
             targets.append(np.rot90(clip[t][crop], k))
             refs.append(np.stack([np.rot90(src[int(i)][crop], k) for i in ref_ids]))
         return Batch(to_tensor(np.stack(targets)), to_tensor(np.stack(refs)))
-
-
-def to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] in [0, 1]."""
-    t = torch.from_numpy(np.array(frames, dtype=np.float32)).div_(255)  # a copy: cached frames are read-only
-    return t.movedim(-1, -3).contiguous()
-
-
-def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """float [..., 3, H, W] in [0, 1] -> uint8 [..., H, W, 3]."""
-    return frames.detach().clamp(0, 1).mul(255).round().byte().movedim(-3, -1).cpu().numpy()

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gemx.errors import GemxError, check_positive
+from gemx.frames import cached_frames, to_tensor
 from gemx.metrics import psnr, ssim_db, summarize
 from gemx.model.lr import downsample, upsample_bicubic
 from gemx.model.network import GeminoAttention
-from gemx.train.data import cached_frames, to_tensor
 
 REFERENCE_FRAMES = (0, 15, 30, 45, 60)
 FIRST_TEST_FRAME = 64
@@ -58,7 +59,13 @@ def cases(models: dict[str, GeminoAttention]) -> list[Case]:
 @torch.inference_mode()
 def evaluate(models: dict[str, GeminoAttention], videos: list[Path], size: int, scale: int, stride: int = 2,
              progress=lambda done, total: None, lpips=None) -> list[EvalRow]:
+    check_positive(stride=stride)
     clips = {v.stem: cached_frames(v, size) for v in videos}
+    need = max(FIRST_TEST_FRAME, *REFERENCE_FRAMES) + 1
+    short = [f"{name} ({len(clip)})" for name, clip in clips.items() if len(clip) < need]
+    if short:
+        raise GemxError(f"the evaluation protocol needs clips of at least {need} frames (references at frames {list(REFERENCE_FRAMES)}, "
+                        f"targets from frame {FIRST_TEST_FRAME}); too short: {', '.join(short)}")
     names = list(clips)
     todo = cases(models)
     scores = {c.name: {"psnr": [], "ssim": [], "lpips": [], "videos": {}} for c in todo}

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from gemx.errors import GemxError
+from gemx.errors import GemxError, check_positive
+from gemx.frames import cached_frames
 from gemx.model.checkpoint import load_checkpoint, save_checkpoint
 from gemx.model.config import ModelConfig
 from gemx.model.lr import downsample
 from gemx.model.network import GeminoAttention, build_model
-from gemx.train.data import ReferencePairs, cached_frames
+from gemx.train.data import ReferencePairs
 from gemx.train.losses import SuperResolutionLoss
 
 LR_DECAY = 0.46  # the paper's learning-rate factor, applied halfway
@@ -37,6 +38,12 @@ class TrainConfig:
     init_from: str | None = None  # warm start (e.g. the robust variant from the paper-exact model)
     vgg_weights: str | None = None
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        check_positive(steps=self.steps, batch_size=self.batch_size, crop=self.crop, checkpoint_every=self.checkpoint_every,
+                       threads=self.threads)
+        if not self.lr > 0 or not 0 <= self.mismatch <= 1:
+            raise GemxError(f"--lr must be positive and --mismatch between 0 and 1, got {self.lr} and {self.mismatch}")
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:

@@ -8,6 +8,7 @@ output is the model's HR size.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -16,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemx.errors import GemxError
+from gemx.errors import GemxError, check_positive
+from gemx.frames import iter_frames, probe, square_crop_resize, to_tensor, to_uint8
+from gemx.fs import atomic_dir
 from gemx.metrics import psnr, ssim_db
 from gemx.model.checkpoint import load_checkpoint
 from gemx.model.lr import downsample, upsample_bicubic
-from gemx.train.data import to_tensor, to_uint8
-from gemx.video.io import iter_frames, probe, square_crop_resize, write_video
+from gemx.video.io import write_video
 from gemx.video.references import select_diverse
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -36,6 +38,9 @@ class UpscaleOptions:
     side_by_side: bool = False
     force: bool = False
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        check_positive(refs=self.refs, threads=self.threads)
 
 
 @dataclass
@@ -100,7 +105,7 @@ def upscale(input_path: Path, output: Path, opts: UpscaleOptions, ckpt_path: Pat
             panels = [bicubic_u8, result] + ([frame] if hr_frames is not None else [])
             yield np.concatenate(panels, axis=1) if opts.side_by_side else result
 
-    count = _write(output, results(), info.fps, None if as_frames else input_path, as_frames)
+    count = _write(output, results(), info.fps, None if as_frames else input_path, as_frames, opts.force)
     if count == 0:
         raise GemxError(f"{input_path} contains no decodable frames")
     metrics = {k: {m: float(np.mean(v)) for m, v in s.items()} for k, s in scores.items()} if opts.simulate else {}
@@ -151,22 +156,46 @@ def _read_references(path: Path, size: int) -> list[np.ndarray]:
     return out
 
 
+FRAMES_RECORD = ".gemx-frames.json"  # marks a folder of frames as gemx's own: --force may replace it
+
+
+def _is_frames_dir(path: Path) -> bool:
+    return (path / FRAMES_RECORD).is_file()
+
+
 def _check_output(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise GemxError(f"{output} already exists; pass --force to replace it or choose another output")
     if output.suffix and output.suffix.lower() not in (".mp4", ".mkv", ".mov"):
         raise GemxError(f"output {output} must be a video (.mp4, .mkv, .mov) or a directory for PNG frames")
+    if not output.exists():
+        return
+    if output.suffix == "" and not (output.is_dir() and (_is_frames_dir(output) or not any(output.iterdir()))):
+        raise GemxError(f"{output} exists and is not a folder of gemx frames; choose another output (gemx will not replace it)")
+    if output.suffix and output.is_dir():
+        raise GemxError(f"cannot write {output}: it is a directory")
+    if not force:
+        raise GemxError(f"{output} already exists; pass --force to replace it or choose another output")
 
 
-def _write(output: Path, frames: Iterator[np.ndarray], fps: Fraction, audio_from: Path | None, as_frames: bool) -> int:
+def _write(output: Path, frames: Iterator[np.ndarray], fps: Fraction, audio_from: Path | None, as_frames: bool,
+           force: bool) -> int:
+    """The whole output or nothing: a video file, or a folder of PNG frames, moved into place when complete."""
     if not as_frames:
-        return write_video(output, frames, fps, audio_from=audio_from)
+        return write_video(output, frames, fps, audio_from=audio_from, overwrite=force)
     from PIL import Image
 
-    output.mkdir(parents=True, exist_ok=True)
-    for old in output.glob("frame_*.png"):  # --force: no stale frames from a longer earlier run
-        old.unlink()
     count = 0
-    for count, frame in enumerate(frames, start=1):
-        Image.fromarray(frame).save(output / f"frame_{count - 1:05d}.png")
+    replaceable = lambda p: force and (_is_frames_dir(p) or (p.is_dir() and not any(p.iterdir())))  # noqa: E731
+    try:
+        with atomic_dir(output, replaceable=replaceable) as tmp:
+            for count, frame in enumerate(frames, start=1):
+                Image.fromarray(frame).save(tmp / f"frame_{count - 1:05d}.png")
+            if count == 0:
+                raise _NoFrames
+            (tmp / FRAMES_RECORD).write_text(json.dumps({"frames": count, "fps": str(fps)}) + "\n")
+    except _NoFrames:
+        return 0
     return count
+
+
+class _NoFrames(Exception):
+    pass

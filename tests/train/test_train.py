@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from gemx import GemxError
+from gemx.frames import cached_frames
 from gemx.model import build_model, load_checkpoint, preset
-from gemx.train.data import ReferencePairs, cached_frames
+from gemx.train.data import ReferencePairs
 from gemx.train.evaluate import evaluate
 from gemx.train.loop import TrainConfig, train, warm_start
 from gemx.video.io import write_video

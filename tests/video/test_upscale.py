@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from gemx import GemxError
+from gemx.frames import probe, read_frames, to_tensor
 from gemx.metrics import psnr, ssim_db
-from gemx.train.data import to_tensor
-from gemx.video.io import probe, read_frames, write_video
+from gemx.video.io import write_video
 from gemx.video.references import select_diverse
 from gemx.video.upscale import UpscaleOptions, upscale
 
