@@ -40,6 +40,9 @@ def os_error(e: OSError, path: Path, doing: str = "write") -> GemxError:
     reason = os.strerror(e.errno).lower() if e.errno else str(e)
     if e.errno == errno.EISDIR:
         reason = "it is a directory"
+    blocking = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+    if e.errno in (errno.EEXIST, errno.ENOTDIR) and blocking is not None:
+        reason = f"{blocking} is a file, not a directory"
     return GemxError(f"cannot {doing} {path}: {reason}")
 
 

@@ -42,10 +42,10 @@ def train(
     from gemx.train.loop import TrainConfig
     from gemx.train.loop import train as run_train
 
-    cfg = make_preset(preset, arch=arch, robust=robust, residual=residual, scale=scale)
-    train_videos, _ = split_videos(videos)
     tc = TrainConfig(steps, batch_size, crop, lr, seed, mismatch, checkpoint_every,
                      str(init_from) if init_from else None, str(vgg_weights) if vgg_weights else None, threads)
+    cfg = make_preset(preset, arch=arch, robust=robust, residual=residual, scale=scale)
+    train_videos, _ = split_videos(videos)
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                TextColumn("{task.fields[rate]} steps/s"), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
@@ -79,13 +79,13 @@ def eval(
     from gemx.train.evaluate import evaluate
 
     check_outputs([json_out], force)
+    _, test_videos = split_videos(videos)
     loaded = [load_checkpoint(p) for p in ckpt]
     configs = {(c.config.size, c.config.scale) for c in loaded}
     if len(configs) > 1:
         raise GemxError(f"checkpoints differ in frame size or scale ({sorted(configs)}); compare like with like")
     size, scale = configs.pop()
     models = {p.stem: c.model for p, c in zip(ckpt, loaded, strict=True)}
-    _, test_videos = split_videos(videos)
     lpips = None
     if lpips_weights is not None:
         from gemx.lpips import LPIPS

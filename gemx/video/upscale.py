@@ -151,7 +151,7 @@ def _read_references(path: Path, size: int) -> list[np.ndarray]:
     for f in files:
         try:
             out.append(square_crop_resize(np.asarray(Image.open(f).convert("RGB")), size))
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:
             raise GemxError(f"cannot read reference image {f}: {e}") from None
     return out
 
