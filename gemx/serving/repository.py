@@ -87,7 +87,7 @@ def write_repository(export_path: Path, out: Path, opts: TritonOptions) -> Repos
                    "idle_timeout_s": opts.idle_timeout_s},
         "kv_bytes_per_reference": _kv_bytes(contract, 1),
     }
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), replaceable=lambda p: opts.force and is_repository(p)) as tmp:
         model = tmp / MODEL_NAME
         shutil.copytree(export.path, model / "1" / "export", ignore=shutil.ignore_patterns("ort_trt_cache", ".*"))
         (model / "1" / "model.py").write_text(MODEL_PY)
@@ -95,6 +95,13 @@ def write_repository(export_path: Path, out: Path, opts: TritonOptions) -> Repos
         (model / SERVING_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         read_export_dir(model / "1" / "export")  # the copy is verified like any export
     return Repository(Path(out), manifest)
+
+
+def is_repository(path: Path) -> bool:
+    try:
+        return json.loads((Path(path) / MODEL_NAME / SERVING_MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_repository(path: Path) -> Repository:
@@ -208,8 +215,8 @@ def _check_target(out: Path, force: bool) -> None:
         return
     if not out.is_dir():
         raise GemxError(f"{out} exists and is not a directory; choose another --out")
-    if not (out / MODEL_NAME / SERVING_MANIFEST).exists() and any(out.iterdir()):
+    if not is_repository(out):
         raise GemxError(f"{out} exists and is not a gemx Triton repository; choose another --out (gemx will not replace it)")
-    if (out / MODEL_NAME / SERVING_MANIFEST).exists() and not force:
+    if not force:
         raise GemxError(f"{out} already holds a gemx Triton repository; pass --force to replace it or choose another --out")
 

@@ -283,3 +283,17 @@ def test_stream_simulate_gives_the_frames_of_upscale(server, tiny_export, tmp_pa
         assert diff <= 1, (fa.name, diff)
     psnr = [line for line in remote.output.splitlines() if "PSNR" in line]
     assert psnr and psnr == [line for line in local.output.splitlines() if "PSNR" in line]
+
+
+def test_triton_force_replaces_only_its_own_repository(tiny_export, tmp_path):
+    out = tmp_path / "r"
+    first = write_repository(tiny_export.path, out, TritonOptions(max_streams=2))
+    again = write_repository(tiny_export.path, out, TritonOptions(max_streams=3, force=True))
+    assert first.manifest["limits"]["max_streams"] == 2 and read_repository(out).manifest["limits"]["max_streams"] == 3
+    assert again.path == out
+    other = tmp_path / "site"
+    other.mkdir()
+    (other / "index.html").write_text("<html>")
+    with pytest.raises(GemxError, match="not a gemx Triton repository"):
+        write_repository(tiny_export.path, other, TritonOptions(force=True))
+    assert [p.name for p in other.iterdir()] == ["index.html"]
