@@ -15,7 +15,7 @@ def profile(
     source: Annotated[Path | None, typer.Argument(help="checkpoint (.pt) or export directory; default: the shipped checkpoint")] = None,
     refs: Annotated[str, typer.Option(help="reference counts to measure")] = "1,2,5,10",
     block_sizes: Annotated[str | None, typer.Option(help="attention block sizes (default: the checkpoint's and twice it)")] = None,
-    runtime: Annotated[str, typer.Option(help="runtimes: torch, ort, ort-cuda, ort-tensorrt, tensorrt, auto")] = "torch,ort",
+    runtime: Annotated[str, typer.Option(help="runtimes: torch, ort, torch-cuda, ort-cuda, ort-tensorrt, tensorrt, auto")] = "torch,ort",
     fp16: Annotated[bool, typer.Option("--fp16", help="FP16 graphs/engines for the GPU runtimes")] = False,
     warmup: Annotated[int, typer.Option(help="untimed calls before timing")] = 3,
     iters: Annotated[int, typer.Option(help="timed per-frame calls")] = 20,
@@ -26,6 +26,7 @@ def profile(
     json_out: Annotated[Path | None, typer.Option("--json", help="write every figure and the machine as JSON")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="write every figure as CSV")] = None,
     plot_out: Annotated[Path | None, typer.Option("--plot", help="write a latency-vs-references plot (.png)")] = None,
+    ops: Annotated[bool, typer.Option("--ops", help="also break ORT CPU per-frame kernel time down by op type")] = False,
     force: Annotated[bool, typer.Option("--force", help="replace existing --json/--csv/--plot files")] = False,
 ):
     """Measure reference encoding and per-frame latency, memory and FLOPs across refs, block sizes and runtimes."""
@@ -38,12 +39,15 @@ def profile(
     outputs = ((json_out, report.write_json), (csv_out, report.write_csv), (plot_out, report.plot))
     check_outputs([path for path, _ in outputs], force)  # before the sweep, not after it
     opts = ProfileOptions(_int_list(refs, "--refs"), _int_list(block_sizes, "--block-sizes") if block_sizes else None,
-                          [r.strip() for r in runtime.split(",") if r.strip()], fp16, warmup, iters, seconds, threads, cache_dir, naive)
+                          [r.strip() for r in runtime.split(",") if r.strip()], fp16, warmup, iters, seconds, threads, cache_dir,
+                          naive, ops)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("preparing", total=None)
         result = run_profile(source, opts, progress=lambda msg, advance=0: bar.update(task, description=msg, advance=advance),
                              on_total=lambda total: bar.update(task, total=total))
     console.print(report.table(result))
+    if result.ops:
+        console.print(report.ops_table(result))
     if result.interrupted:
         console.print("[yellow]interrupted: showing and writing the rows measured so far[/]")
     for path, write in outputs:

@@ -18,7 +18,7 @@ def upscale(
     references: Annotated[Path | None, typer.Option(help="HR reference frames of the same person: images, a folder, or a video")] = None,
     refs: Annotated[int, typer.Option(min=1, help="number of references, chosen to be diverse")] = 5,
     ckpt: Annotated[Path | None, typer.Option(help="checkpoint (default: the shipped one)")] = None,
-    runtime: Annotated[str, typer.Option(help="auto, torch, ort, ort-cuda, ort-tensorrt or tensorrt")] = "auto",
+    runtime: Annotated[str, typer.Option(help="auto, torch, ort, torch-cuda, ort-cuda, ort-tensorrt or tensorrt")] = "auto",
     scale: Annotated[int | None, typer.Option(help="expected scale factor; must match the checkpoint's")] = None,
     simulate: Annotated[bool, typer.Option("--simulate", help="INPUT is HR: make LR + references from it, report PSNR/SSIM")] = False,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="write bicubic | gemx | original side by side")] = False,

@@ -7,8 +7,9 @@ graph input name.
 Key/value layout, per attention level i (M = blocks per frame, BB = tokens per block, C = channels):
     key_i   [M, C, refs, BB]  the temperature already folded in; float32 even in FP16 graphs,
                               because the attention logits are computed in float32
-    value_i [M, refs, BB, C]  float16 in FP16 graphs (half the cache), float32 otherwise
-Both keep `refs` in a dimension of its own; the frame graph merges it with BB by a free reshape.
+    value_i [M, C, refs, BB]  float16 in FP16 graphs (half the cache), float32 otherwise
+Both keep `refs` in a dimension of its own; the frame graph merges it with BB by a free reshape. Channels
+lie ahead of tokens, so the frame graph forms and undoes blocks by moving whole block rows.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class Contract:
             b, c = cfg.block_at(i), cfg.channels[i]
             m = (cfg.level_sizes[i] // b) ** 2
             specs.append(TensorSpec(f"key_{i}", (m, c, REFS, b * b), "float32"))
-            specs.append(TensorSpec(f"value_{i}", (m, REFS, b * b, c), value_dtype))
+            specs.append(TensorSpec(f"value_{i}", (m, c, REFS, b * b), value_dtype))
         return tuple(specs)
 
     @property

@@ -85,33 +85,38 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
 
 
 # --- block attention ------------------------------------------------------------------------------
-# Layouts (M = batch * number of blocks, BB = B*B tokens per block, R = references):
-#   queries [M, BB, C]; keys [M, C, R, BB] (already divided by the temperature); values [M, R, BB, C].
-# Keys and values carry R in a dimension of its own; merging it with BB is a free contiguous reshape.
+# Layouts (M = batch * number of blocks, BB = B*B tokens per block, R = references, C = channels):
+#   queries [M, C, BB]; keys and values [M, C, R, BB] (keys already divided by the temperature).
+# Channels stay ahead of the tokens everywhere, so forming and undoing blocks moves contiguous runs of B
+# values (a block row) instead of single floats, and both products read their operands as they lie:
+#   logits [M, BB, R*BB] = Q^T K,   out [M, C, BB] = V softmax(logits)^T   (transposes fused into the MatMuls).
+# R keeps a dimension of its own in the cache; merging it with BB is a free contiguous reshape.
+
+def _blocks(x: torch.Tensor, b: int) -> torch.Tensor:
+    """[N, R, C, H, W] -> [M, C, R, BB]: block rows of B contiguous values move together."""
+    n, _, c, h, w = x.shape
+    x = x.reshape(n, -1, c, h // b, b, w // b, b).permute(0, 3, 5, 2, 1, 4, 6)
+    return x.reshape(n * (h // b) * (w // b), c, -1, b * b)
+
 
 def query_blocks(q: torch.Tensor, b: int) -> torch.Tensor:
-    n, c, h, w = q.shape
-    q = q.reshape(n, c, h // b, b, w // b, b).permute(0, 2, 4, 3, 5, 1)
-    return q.reshape(n * (h // b) * (w // b), b * b, c)
+    """[N, C, H, W] -> [M, C, BB]."""
+    return _blocks(q.unsqueeze(1), b).flatten(2)
 
 
 def key_blocks(k: torch.Tensor, b: int) -> torch.Tensor:
     """[N, R, C, H, W] -> [M, C, R, BB]."""
-    n, _, c, h, w = k.shape
-    k = k.reshape(n, -1, c, h // b, b, w // b, b).permute(0, 3, 5, 2, 1, 4, 6)
-    return k.reshape(n * (h // b) * (w // b), c, -1, b * b)
+    return _blocks(k, b)
 
 
 def value_blocks(v: torch.Tensor, b: int) -> torch.Tensor:
-    """[N, R, C, H, W] -> [M, R, BB, C]."""
-    n, _, c, h, w = v.shape
-    v = v.reshape(n, -1, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 4, 6, 2)
-    return v.reshape(n * (h // b) * (w // b), -1, b * b, c)
+    """[N, R, C, H, W] -> [M, C, R, BB]."""
+    return _blocks(v, b)
 
 
 def unblock(x: torch.Tensor, n: int, c: int, h: int, w: int, b: int) -> torch.Tensor:
-    """[M, BB, C] -> [N, C, H, W], the inverse of `query_blocks`."""
-    x = x.reshape(n, h // b, w // b, b, b, c).permute(0, 5, 1, 3, 2, 4)
+    """[M, C, BB] -> [N, C, H, W], the inverse of `query_blocks`."""
+    x = x.reshape(n, h // b, w // b, c, b, b).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(n, c, h, w)
 
 
@@ -124,15 +129,16 @@ def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
     """
     n, c, h, w = q.shape
     m = keys.shape[0]
-    logits = torch.matmul(cast(query_blocks(q, b), torch.float32), cast(keys.reshape(m, c, -1), torch.float32))  # [M, BB, R*BB]
+    queries = cast(query_blocks(q, b), torch.float32)  # [M, C, BB]
+    logits = torch.matmul(queries.transpose(1, 2), cast(keys.reshape(m, c, -1), torch.float32))  # [M, BB, R*BB]
     attn = cast(torch.softmax(logits, dim=-1), values.dtype)
-    out = torch.matmul(attn, values.reshape(m, -1, c))  # [M, BB, C]
+    out = torch.matmul(values.reshape(m, c, -1), attn.transpose(1, 2))  # [M, C, BB]
     return unblock(out, n, c, h, w, b)
 
 
 @dataclass
 class ReferenceCache:
-    """Per attention level, keys [M, C, R, BB] and values [M, R, BB, C]: all a frame needs of the references."""
+    """Per attention level, keys and values [M, C, R, BB]: all a frame needs of the references."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]

@@ -40,6 +40,7 @@ class ProfileOptions:
     threads: int | None = None
     cache_dir: Path | None = None
     naive: bool = True
+    ops: bool = False  # also break ORT CPU per-frame kernel time down by op type
 
     def __post_init__(self) -> None:
         check_positive(iters=self.iters, threads=self.threads)
@@ -78,10 +79,11 @@ class ProfileResult:
     machine: dict
     checkpoint: str
     interrupted: bool = False
+    ops: list[dict] = field(default_factory=list)  # with --ops: {block_size, refs, ms_per_frame, nodes, layout_share}
 
     def to_dict(self) -> dict:
         return {"checkpoint": self.checkpoint, "machine": self.machine, "interrupted": self.interrupted,
-                "rows": [asdict(r) for r in self.rows]}
+                "rows": [asdict(r) for r in self.rows], "ops": self.ops}
 
 
 def default_block_sizes(block: int, level: int) -> list[int]:
@@ -124,6 +126,8 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
                     for stage, t, cost in (("encode", encode, by_graph["reference_encoder"]), ("frame", frame, by_graph["frame"])):
                         result.rows.append(ProfileRow(block, runtime, prec, refs, stage, t.min_ms, t.p50_ms, t.p90_ms, t.p99_ms,
                                                       t.fps, t.iters, memory, mem_kind, kv, cost["flops"], cost["params"]))
+                    if opts.ops and runtime == "ort":
+                        result.ops.append(_ops_row(session, block, refs, refs_hr, target, opts))
                     progress(f"b{block} {runtime} {refs} refs", advance=1)
                 session.close()
             if opts.naive and block_model is not None:
@@ -134,6 +138,14 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
     except KeyboardInterrupt:
         result.interrupted = True
     return result
+
+
+def _ops_row(session, block: int, refs: int, refs_hr: np.ndarray, target: np.ndarray, opts: ProfileOptions) -> dict:
+    from gemx.profiles.ops import frame_op_breakdown
+
+    kv = session.encode(refs_hr)
+    b = frame_op_breakdown(session.frame_graph, {"target_lr": target, **kv}, runs=max(3, opts.iters // 2), threads=opts.threads)
+    return {"block_size": block, "refs": refs, "ms_per_frame": b.ms_per_frame, "nodes": b.nodes, "layout_share": b.layout_share}
 
 
 def _measure(session, refs_hr: np.ndarray, target: np.ndarray, opts: ProfileOptions, mem_kind: str, base: int | None):

@@ -54,6 +54,7 @@ class OrtSession(Session):
         if threads:
             opts.intra_op_num_threads = threads
         graphs = graphs or {g: export.graph_path(g, precision) for g in ("reference_encoder", "frame")}
+        self.frame_graph = Path(graphs["frame"])  # what runs per frame (for op-level profiling)
         cache = export.path / "ort_trt_cache"
         self.encoder, self.frame = (
             ort.InferenceSession(str(graphs[spec.name]), opts,

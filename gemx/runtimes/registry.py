@@ -7,8 +7,8 @@ from pathlib import Path
 from gemx.errors import GemxError
 from gemx.runtimes.base import Session
 
-RUNTIMES = ("torch", "ort", "ort-cuda", "ort-tensorrt", "tensorrt")
-FASTEST_FIRST = ("tensorrt", "ort-tensorrt", "ort-cuda", "ort", "torch")
+RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda", "ort-tensorrt", "tensorrt")
+FASTEST_FIRST = ("tensorrt", "ort-tensorrt", "ort-cuda", "torch-cuda", "ort", "torch")
 
 
 def runtime_available(runtime: str) -> tuple[bool, str]:
@@ -17,6 +17,10 @@ def runtime_available(runtime: str) -> tuple[bool, str]:
 
     if runtime in ("torch", "ort"):
         return True, ""
+    if runtime == "torch-cuda":
+        from gemx.runtimes.torch_cuda_session import cuda_available
+
+        return cuda_available()
     gpu, why = detect_gpu()
     if gpu is None:
         return False, why
@@ -58,6 +62,12 @@ def open_session(runtime: str, export_path: Path, precision: str = "fp32", threa
         if model is None:
             raise GemxError("the torch runtime needs the PyTorch model; pass a checkpoint")
         return TorchSession(model, max_refs=export.max_refs)
+    if runtime == "torch-cuda":
+        from gemx.runtimes.torch_cuda_session import TorchCudaSession
+
+        if model is None:
+            raise GemxError("the torch-cuda runtime needs the PyTorch model; pass a checkpoint")
+        return TorchCudaSession(model, precision, max_refs=export.max_refs)
     if runtime == "tensorrt":
         from gemx.runtimes.trt_session import TensorRTSession
 

@@ -1,0 +1,83 @@
+"""PyTorch on CUDA: a GPU path that needs no TensorRT and no onnxruntime-gpu.
+
+It runs the very modules the exporter traces (`ReferenceEncoderGraph`, `FrameGraph`), so FP16 here has
+the FP16 graphs' casts exactly: half-precision weights and activations, logits and softmax in FP32, FP32
+keys, FP16 values. Keys and values stay on the GPU. The per-frame call can be captured once per reference
+set as a CUDA graph and replayed (a small model at 256x256 is launch-bound, so replay pays).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from gemx.errors import GemxError
+from gemx.exporter.contract import Contract
+from gemx.exporter.graphs import FrameGraph, ReferenceEncoderGraph
+from gemx.model.network import GeminoAttention
+from gemx.runtimes.base import Session
+
+
+def cuda_available() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, f"this PyTorch ({torch.__version__}) has no usable CUDA device"
+    return True, ""
+
+
+class TorchCudaSession(Session):
+    name = "torch-cuda"
+
+    def __init__(self, model: GeminoAttention, precision: str = "fp32", max_refs: int | None = None,
+                 cuda_graphs: bool = True):
+        ok, why = cuda_available()
+        if not ok:
+            raise GemxError(f"the torch-cuda runtime needs an NVIDIA GPU and a CUDA build of PyTorch: {why}")
+        contract = Contract(model.config, precision)
+        super().__init__(contract, max_refs)
+        if precision == "fp32":  # FP32 means FP32: no TF32 tensor-core rounding in convolutions and matmuls
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        self.device = torch.device("cuda")
+        self.encoder = ReferenceEncoderGraph(model, contract).to(self.device).eval()
+        self.frame = FrameGraph(model, contract).to(self.device).eval()
+        self.cuda_graphs = cuda_graphs
+        self._graph: tuple[Any, torch.Tensor, torch.Tensor] | None = None  # (CUDAGraph, static input, static output)
+
+    @torch.inference_mode()
+    def _encode(self, references: np.ndarray) -> tuple[torch.Tensor, ...]:
+        self._graph = None  # a graph is captured against one cache
+        return self.encoder(torch.from_numpy(references).to(self.device))
+
+    @torch.inference_mode()
+    def _decode(self, target_lr: np.ndarray, kv: tuple[torch.Tensor, ...]) -> np.ndarray:
+        x = torch.from_numpy(target_lr).to(self.device, non_blocking=True)
+        if not self.cuda_graphs or kv is not self._kv:  # replay only for this session's own cache
+            return self.frame(x, kv).cpu().numpy()
+        if self._graph is None:
+            self._graph = self._capture(x, kv)
+        graph, static_in, static_out = self._graph
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.cpu().numpy()
+
+    def _capture(self, x: torch.Tensor, kv: tuple[torch.Tensor, ...]):
+        static_in = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm up kernels and allocator outside the capture
+                self.frame(static_in, kv)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.frame(static_in, kv)
+        return graph, static_in, static_out
+
+    def kv_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._kv) if self._kv is not None else 0
+
+    def close(self) -> None:
+        super().close()
+        self._graph = None
