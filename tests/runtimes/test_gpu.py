@@ -49,32 +49,33 @@ torch_cuda_ok, torch_cuda_why = runtime_available("torch-cuda")
 
 
 @pytest.mark.skipif(not torch_cuda_ok, reason=f"needs an NVIDIA GPU with a CUDA build of PyTorch: {torch_cuda_why}")
-def test_torch_cuda_fp32_matches_ort_cpu_and_graph_replay_matches_eager(tiny_export):
+def test_torch_cuda_fp32_matches_the_cpu_and_graph_replay_matches_eager(tiny_ckpt):
     from gemx.model import load_checkpoint
     from gemx.runtimes.torch_cuda_session import TorchCudaSession
+    from gemx.runtimes.torch_session import TorchSession
 
-    model = load_checkpoint(tiny_export.path.parent / "tiny.pt").model
+    model = load_checkpoint(tiny_ckpt).model
     cfg = model.config
-    ort = open_session("ort", tiny_export.path)
+    cpu = TorchSession(load_checkpoint(tiny_ckpt).model)
     graphs, eager = TorchCudaSession(model, "fp32"), TorchCudaSession(model, "fp32", cuda_graphs=False)
     for refs in (1, 2, 5, 10):
         r = frames(refs, cfg.size, seed=refs).numpy()
-        for s in (ort, graphs, eager):
+        for s in (cpu, graphs, eager):
             s.set_references(r)
         for seed in (3, 4):  # replays with new inputs, not the captured one
             target = downsample(frames(1, cfg.size, seed=seed), cfg.scale).numpy()
-            want = ort(target)
+            want = cpu(target)
             np.testing.assert_allclose(eager(target), want, atol=1e-4)
             np.testing.assert_allclose(graphs(target), want, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch_cuda_ok, reason=f"needs an NVIDIA GPU with a CUDA build of PyTorch: {torch_cuda_why}")
-def test_torch_cuda_fp16_keeps_the_fp16_graph_dtypes_and_stays_close(tiny_export):
+def test_torch_cuda_fp16_keeps_the_fp16_graph_dtypes_and_stays_close(tiny_ckpt):
     from gemx.exporter.validate import psnr_db
     from gemx.model import load_checkpoint
     from gemx.runtimes.torch_cuda_session import TorchCudaSession
 
-    model = load_checkpoint(tiny_export.path.parent / "tiny.pt").model
+    model = load_checkpoint(tiny_ckpt).model
     cfg = model.config
     half, full = TorchCudaSession(model, "fp16"), TorchCudaSession(model, "fp32")
     r = frames(5, cfg.size, seed=1).numpy()
