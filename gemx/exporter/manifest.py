@@ -110,6 +110,8 @@ def read_export_dir(path: Path, verify: bool = True) -> ExportDir:
         raise GemxError(f"{mpath} is malformed (no integer version); re-run `gemx export --force`")
     if manifest["version"] > VERSION:
         raise GemxError(f"{mpath} has format version {manifest['version']}; this gemx reads up to {VERSION}, upgrade gemx")
+    if "content_sha256" not in manifest:
+        raise GemxError(f"{mpath} has no content hash (written by an older gemx); re-run `gemx export --force`")
     if manifest.get("content_sha256") != content_sha256(manifest):
         raise GemxError(f"{mpath} was changed after export (its content no longer matches its recorded sha256); "
                         "re-run `gemx export --force`")

@@ -2,10 +2,14 @@ import csv
 import json
 
 import pytest
+from typer.testing import CliRunner
 
 from gemx import GemxError
+from gemx.cli import app
 from gemx.profiles.measure import time_calls
 from gemx.profiles.sweep import ProfileOptions, profile
+from gemx.runtimes.registry import open_session
+from tests.conftest import frames
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +110,29 @@ def test_peak_memory_counts_what_a_session_allocates():
     base = rss_now()
     grown = peak_rss_delta(lambda: np.ones(64 * 2**20 // 8).sum(), base)  # touches 64 MiB
     assert grown is None or grown >= 48 * 2**20
+
+
+def test_block_layout_moves_little_data_per_frame(tiny_export):
+    """ORT's own profiler on the tiny frame graph: forming and undoing blocks is a small share of a frame,
+    and does not grow with the reference count (only query-sized data is re-laid out per frame)."""
+    from gemx.profiles.ops import frame_op_breakdown
+
+    session = open_session("ort", tiny_export.path)
+    shares, transpose_ms = [], []
+    for refs in (1, 10):
+        kv = session.encode(frames(refs, 64, seed=refs).numpy())
+        b = frame_op_breakdown(session.frame_graph, {"target_lr": frames(1, 16, seed=0).numpy(), **kv}, runs=30, threads=1)
+        assert b.nodes["Transpose"] == 6  # 3 levels x (form query blocks, undo output blocks); the cache is pre-blocked
+        transpose_ms.append(b.ms_per_frame["Transpose"])
+        shares.append(b.ms_per_frame["Transpose"] / b.total_ms)
+    assert max(shares) < 0.10, shares
+    assert transpose_ms[1] < 2.0 * transpose_ms[0], transpose_ms
+
+
+def test_profile_ops_prints_the_breakdown(tiny_ckpt, tmp_path):
+    res = CliRunner().invoke(app, ["profile", str(tiny_ckpt), "--refs", "1", "--runtime", "ort", "--no-naive", "--iters", "4",
+                                   "--ops", "--cache-dir", str(tmp_path), "--json", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    assert "by op type" in res.output and "Conv" in res.output and "layout share" in res.output
+    ops = json.loads((tmp_path / "p.json").read_text())["ops"]
+    assert ops and ops[0]["refs"] == 1 and 0 <= ops[0]["layout_share"] < 1 and ops[0]["nodes"]["Conv"] > 0
