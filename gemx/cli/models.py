@@ -27,7 +27,7 @@ def info(
     if as_json:
         print(json.dumps({"source": source, **d}, indent=2))
         return
-    table = Table(title=f"gemx model: {source}", show_header=False)
+    table = Table(title=f"gemx model: {lit(source)}", show_header=False)
     for k, v in d["config"].items():
         table.add_row(k, str(v))
     for k, v in d["parameters"].items():
@@ -63,7 +63,7 @@ def export(
 def render_export(result) -> None:
     from gemx.exporter.validate import FP16_PSNR_GOAL, FP32_TOLERANCE
 
-    table = Table(title=f"parity of the composed graphs (ONNX Runtime CPU, {result.frames_source})")
+    table = Table(title=f"parity of the composed graphs (ONNX Runtime CPU, {lit(result.frames_source)})")
     for col in ("precision", "against", "refs", "max abs error", "PSNR dB", "verdict"):
         table.add_column(col)
     for precision, rows in result.parity.items():
@@ -81,7 +81,7 @@ def render_export(result) -> None:
         trt.add_column(col)
     for r in result.trt:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(r.op_counts.items()))
-        trt.add_row(r.graph, ops, "[green]ok[/]" if r.ok else "[red]" + "; ".join(r.problems[:3]) + "[/]")
+        trt.add_row(r.graph, ops, "[green]ok[/]" if r.ok else "[red]" + lit("; ".join(r.problems[:3])) + "[/]")
     console.print(trt)
     console.print(f"wrote [bold]{lit(result.path)}[/] (refs 1..{result.manifest['refs']['max']}, opset {result.manifest['opset']})")
 
@@ -121,6 +121,6 @@ def runtimes():
         table.add_column(col)
     for name in FASTEST_FIRST:
         ok, why = runtime_available(name)
-        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", why)
+        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", lit(why))
     console.print(table)
     console.print(f"--runtime auto picks [bold]{resolve_runtime('auto')}[/]")

@@ -116,7 +116,7 @@ def loadtest(
     opts = LoadOptions(_int_list(streams, "--streams"), fps, seconds, refs, frames, repo)
     with console.status("load test") as status:
         result = run_loadtest(url, opts, progress=lambda msg: status.update(msg))
-    table = Table(title=f"{url}: streams at {fps:g} fps, {seconds:g} s each, {refs} refs ({result.frame_source})")
+    table = Table(title=f"{lit(url)}: streams at {fps:g} fps, {seconds:g} s each, {refs} refs ({result.frame_source})")
     for col in ("mode", "streams", "fps/stream (min)", "p50 ms", "p90 ms", "p99 ms", "late", "dropped", "errors",
                 "server KV MB", "keeps up"):
         table.add_column(col, justify="left" if col == "mode" else "right")

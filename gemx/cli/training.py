@@ -102,8 +102,9 @@ def eval(
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         lp = [f"{r.lpips[k]:.4f}" for k in ("mean", "p95", "p99")] if lpips else []
-        table.add_row(r.name, *(f"{r.psnr[k]:.2f}" for k in ("mean", "p5", "p1")), *(f"{r.ssim_db[k]:.2f}" for k in ("mean", "p5", "p1")),
-                      *lp, f"{r.video_mean_psnr:.2f}", f"{r.video_mean_psnr - base:+.2f}")
+        table.add_row(lit(r.name), *(f"{r.psnr[k]:.2f}" for k in ("mean", "p5", "p1")),
+                      *(f"{r.ssim_db[k]:.2f}" for k in ("mean", "p5", "p1")), *lp, f"{r.video_mean_psnr:.2f}",
+                      f"{r.video_mean_psnr - base:+.2f}")
     console.print(table)
     if lpips is None:
         console.print("[dim]LPIPS not computed: pass --lpips-weights (its weights cannot be downloaded here).[/]")
