@@ -55,6 +55,18 @@ def rss_now() -> int | None:
     return _status_kb("VmRSS")
 
 
+def release_freed_memory() -> None:
+    """Give memory freed by earlier sessions back to the OS (glibc's malloc_trim), so the next session's
+    allocations show up as resident growth instead of silently reusing the freed pages."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def peak_rss_delta(fn: Callable[[], object], baseline: int | None = None) -> int | None:
     """Peak resident memory during `fn` above `baseline` (default: the RSS just before), in bytes.
 

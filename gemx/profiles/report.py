@@ -77,29 +77,36 @@ def write_csv(result: ProfileResult, path: Path, overwrite: bool = False) -> Non
 
 
 def plot(result: ProfileResult, path: Path, overwrite: bool = False) -> None:
-    """Per-frame p50 latency vs reference count, one line per block size and runtime."""
+    """Per-frame p50 latency vs reference count: the split runtimes on their own scale (left), and against the
+    naive full recompute on a log scale (right), where an order of magnitude would flatten them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     lines: dict[str, list[tuple[int, float]]] = {}
     for r in result.rows:
         if r.stage in ("frame", "naive"):
             label = f"{r.block_size}x{r.block_size} {r.runtime} {r.precision}"
-            if r.stage == "naive":
-                label += " naive (re-encode every frame)"
+            label += " naive (re-encode every frame)" if r.stage == "naive" else ""
             lines.setdefault(label, []).append((r.refs, r.p50_ms))
-    for label, pts in lines.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if "naive" in label else "-", label=label)
+    has_naive = any("naive" in label for label in lines)
+    fig, axes = plt.subplots(1, 2 if has_naive else 1, figsize=(12 if has_naive else 7, 4.5), squeeze=False)
+    for ax, naive_panel in zip(axes[0], (False, True), strict=False):
+        for label, pts in sorted(lines.items()):
+            if "naive" in label and not naive_panel:
+                continue
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if "naive" in label else "-", label=label)
+        ax.set(xlabel="references", ylabel="per-frame latency, p50 (ms)" + (", log scale" if naive_panel else ""),
+               title="against re-encoding every frame" if naive_panel else "references encoded once per set")
+        if naive_panel:
+            ax.set_yscale("log")
+        ax.set_xticks(sorted({r.refs for r in result.rows}))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
     m = result.machine
-    ax.set(xlabel="references", ylabel="per-frame latency, p50 (ms)",
-           title=f"gemx profile on {m['gpu']['name'] if m['gpu'] else m['cpu']}")
-    ax.set_xticks(sorted({r.refs for r in result.rows}))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig.suptitle(f"gemx profile on {m['gpu']['name'] if m['gpu'] else m['cpu']}")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"), overwrite)
     plt.close(fig)

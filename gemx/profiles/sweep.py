@@ -9,7 +9,6 @@ as a user without the split would run it. Ctrl-C stops the sweep and keeps the r
 
 from __future__ import annotations
 
-import gc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from gemx.model.checkpoint import load_checkpoint
 from gemx.model.lr import downsample
 from gemx.profiles.flops import graph_cost
 from gemx.profiles.machine import machine_info
-from gemx.profiles.measure import device_memory_used, peak_rss_delta, rss_now, time_calls
+from gemx.profiles.measure import device_memory_used, peak_rss_delta, release_freed_memory, rss_now, time_calls
 from gemx.runtimes.registry import open_session, resolve_runtime
 
 
@@ -114,7 +113,7 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
             for runtime in runtimes:
                 prec = precision if runtime != "torch" else "fp32"
                 mem_kind = "rss over pre-session" if runtime in ("torch", "ort") else "device over pre-session"
-                gc.collect()
+                release_freed_memory()
                 base = rss_now() if mem_kind.startswith("rss") else device_memory_used()
                 session = open_session(runtime, path, prec, opts.threads, model=block_model)
                 for refs in opts.refs:
@@ -130,6 +129,7 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
                         result.ops.append(_ops_row(session, block, refs, refs_hr, target, opts))
                     progress(f"b{block} {runtime} {refs} refs", advance=1)
                 session.close()
+                del session  # freed before the next session's baseline, or its memory reads as negative growth
             if opts.naive and block_model is not None:
                 for refs in opts.refs:
                     flops = costs[refs]["reference_encoder"]["flops"] + costs[refs]["frame"]["flops"]
