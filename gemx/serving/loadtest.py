@@ -152,7 +152,8 @@ def _in_process_row(opts: LoadOptions, frames: np.ndarray, contract) -> LoadRow:
     repo = read_repository(opts.repo)
     if repo.export().config != contract.config:
         raise GemxError(f"{opts.repo} is not the repository this server serves (its model differs); pass the served one to --repo")
-    table = open_stream_table(repo, {"kv_budget_bytes": str(2**40), "idle_timeout_s": "3600"})
+    # The server's own session settings (threads), without its limits: one stream never meets them.
+    table = open_stream_table(repo, {**repo.parameters(), "kv_budget_bytes": str(2**40), "idle_timeout_s": "3600"})
     refs, targets = _call_frames(frames, 0, opts.refs, contract.config.scale)
     st = StreamStats()
     table.step(1, targets[0], references=refs, start=True)

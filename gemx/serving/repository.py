@@ -65,6 +65,13 @@ class Repository:
     def export_path(self) -> Path:
         return self.model_dir / "1" / "export"
 
+    def parameters(self) -> dict[str, str]:
+        """The model's parameters as Triton reads them from config.pbtxt."""
+        from google.protobuf import text_format
+
+        config = text_format.Parse((self.model_dir / "config.pbtxt").read_text(), _model_config_pb2().ModelConfig())
+        return {k: v.string_value for k, v in config.parameters.items()}
+
     def export(self) -> ExportDir:
         export = read_export_dir(self.export_path)
         if sha256(self.export_path / MANIFEST) != self.manifest["export"]["sha256"]:

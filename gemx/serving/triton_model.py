@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from gemx.errors import GemxError
-from gemx.serving.repository import KV_BYTES_OUTPUT, SERVING_MANIFEST, STREAMS_OUTPUT, Repository, read_repository
+from gemx.serving.repository import KV_BYTES_OUTPUT, STREAMS_OUTPUT, Repository, read_repository
 from gemx.serving.server import check_stub_numpy
 from gemx.serving.streams import StreamTable
 
@@ -38,10 +38,7 @@ class TritonPythonModel:
         check_stub_numpy()
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        repo_path = Path(args["model_repository"]).parent
-        repo = read_repository(repo_path)
-        if not (Path(args["model_repository"]) / SERVING_MANIFEST).exists():
-            raise GemxError(f"{args['model_repository']} has no {SERVING_MANIFEST}; re-run `gemx triton`")
+        repo = read_repository(Path(args["model_repository"]).parent)  # verified before anything is loaded
         self.table = open_stream_table(repo, params)
         self._stop = threading.Event()
         # Triton drops an idle sequence without calling the model: free its cache on a timer as well.
