@@ -16,7 +16,9 @@ def profile(
     refs: Annotated[str, typer.Option(help="reference counts to measure")] = "1,2,5,10",
     block_sizes: Annotated[str | None, typer.Option(help="attention block sizes (default: the checkpoint's and twice it)")] = None,
     runtime: Annotated[str, typer.Option(help="runtimes: torch, ort, torch-cuda, ort-cuda, ort-tensorrt, tensorrt, auto")] = "torch,ort",
-    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 graphs/engines for the GPU runtimes")] = False,
+    precision: Annotated[str, typer.Option(help="precisions to sweep: fp32, fp16 (GPU runtimes); each row gets its PSNR vs FP32")] = "fp32",
+    fp16: Annotated[bool, typer.Option("--fp16", help="shorthand for --precision fp16")] = False,
+    frames: Annotated[Path | None, typer.Option(help="video to take references and targets from; adds PSNR vs its HR frames")] = None,
     warmup: Annotated[int, typer.Option(help="untimed calls before timing")] = 3,
     iters: Annotated[int, typer.Option(help="timed per-frame calls")] = 20,
     seconds: Annotated[float | None, typer.Option(help="time each measurement for this long instead of --iters")] = None,
@@ -39,8 +41,9 @@ def profile(
     outputs = ((json_out, report.write_json), (csv_out, report.write_csv), (plot_out, report.plot))
     check_outputs([path for path, _ in outputs], force)  # before the sweep, not after it
     opts = ProfileOptions(_int_list(refs, "--refs"), _int_list(block_sizes, "--block-sizes") if block_sizes else None,
-                          [r.strip() for r in runtime.split(",") if r.strip()], fp16, warmup, iters, seconds, threads, cache_dir,
-                          naive, ops)
+                          [r.strip() for r in runtime.split(",") if r.strip()],
+                          ["fp16"] if fp16 else [p.strip() for p in precision.split(",") if p.strip()], warmup, iters, seconds,
+                          threads, cache_dir, naive, ops, frames)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("preparing", total=None)
         result = run_profile(source, opts, progress=lambda msg, advance=0: bar.update(task, description=msg, advance=advance),

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.table import Table
 
 from gemx.fs import atomic_write
-from gemx.profiles.sweep import ProfileResult, ProfileRow
+from gemx.profiles.sweep import EXACT_DB, ProfileResult, ProfileRow
 
 
 def _mb(n: int | None) -> str:
@@ -23,26 +23,33 @@ def table(result: ProfileResult) -> Table:
     t = Table(title=f"per-frame cost, {where} (ms; references encoded once per set)")
     for col, justify in (("block", "right"), ("runtime", "left"), ("refs", "right"), ("frame p50", "right"),
                          ("p90", "right"), ("fps", "right"), ("encode refs", "right"), ("naive p50", "right"),
-                         ("vs naive", "right"), ("KV cache MB", "right"), ("peak MB", "right"), ("frame GFLOPs", "right")):
+                         ("vs naive", "right"), ("KV cache MB", "right"), ("peak MB", "right"), ("frame GFLOPs", "right"),
+                         ("PSNR vs FP32", "right"), ("PSNR vs truth", "right")):
         t.add_column(col, justify=justify)
     by_key: dict[tuple, dict[str, ProfileRow]] = {}
     for r in result.rows:
-        key = (r.block_size, r.runtime if r.stage != "naive" else "naive", r.refs)
+        key = (r.block_size, r.runtime if r.stage != "naive" else "naive", r.precision, r.refs)
         by_key.setdefault(key, {})[r.stage] = r
-    naive = {(b, refs): rows["naive"] for (b, rt, refs), rows in by_key.items() if rt == "naive"}
+    naive = {(b, refs): rows["naive"] for (b, rt, _, refs), rows in by_key.items() if rt == "naive"}
     last_group = None
-    for (block, runtime, refs), rows in by_key.items():
+    for (block, runtime, precision, refs), rows in by_key.items():
         if runtime == "naive":
             continue
         f, e, n = rows.get("frame"), rows.get("encode"), naive.get((block, refs))
-        if last_group is not None and last_group != (block, runtime):
+        if last_group is not None and last_group != (block, runtime, precision):
             t.add_section()
-        last_group = (block, runtime)
+        last_group = (block, runtime, precision)
         t.add_row(f"{block}x{block}", f"{runtime} {f.precision}", str(refs), f"{f.p50_ms:.2f}",
                   f"{f.p90_ms:.2f}", f"{f.fps:.1f}", f"{e.p50_ms:.1f}" if e else "-",
                   f"{n.p50_ms:.1f}" if n else "-", f"{f.p50_ms / n.p50_ms:.2f}x" if n else "-", _mb(f.kv_cache_bytes),
-                  _mb(f.peak_memory_bytes), f"{f.flops / 1e9:.2f}")
+                  _mb(f.peak_memory_bytes), f"{f.flops / 1e9:.2f}", _db(f.psnr_vs_fp32_db), _db(f.psnr_vs_truth_db))
     return t
+
+
+def _db(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return "exact" if v >= EXACT_DB else f"{v:.1f}"
 
 
 def ops_table(result: ProfileResult, top: int = 6) -> Table:
@@ -91,13 +98,17 @@ def plot(result: ProfileResult, path: Path, overwrite: bool = False) -> None:
             label += " naive (re-encode every frame)" if r.stage == "naive" else ""
             lines.setdefault(label, []).append((r.refs, r.p50_ms))
     has_naive = any("naive" in label for label in lines)
-    fig, axes = plt.subplots(1, 2 if has_naive else 1, figsize=(12 if has_naive else 7, 4.5), squeeze=False)
-    for ax, naive_panel in zip(axes[0], (False, True), strict=False):
+    panels = 2 + has_naive
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    colors = {label: f"C{i % 10}" for i, label in enumerate(sorted(lines))}  # one colour per row group in every panel
+    _quality_panel(axes[0][-1], result, colors)
+    for ax, naive_panel in zip(axes[0][:-1], (False, True), strict=False):
         for label, pts in sorted(lines.items()):
             if "naive" in label and not naive_panel:
                 continue
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if "naive" in label else "-", label=label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if "naive" in label else "-", label=label,
+                    color=colors[label])
         ax.set(xlabel="references", ylabel="per-frame latency, p50 (ms)" + (", log scale" if naive_panel else ""),
                title="against re-encoding every frame" if naive_panel else "references encoded once per set")
         if naive_panel:
@@ -110,3 +121,24 @@ def plot(result: ProfileResult, path: Path, overwrite: bool = False) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"), overwrite)
     plt.close(fig)
+
+
+def _quality_panel(ax, result: ProfileResult, colors: dict[str, str]) -> None:
+    """Quality next to latency: each (block, runtime, precision, refs) frame row as one point."""
+    truth = any(r.psnr_vs_truth_db is not None for r in result.rows)
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for r in result.rows:
+        if r.stage != "frame":
+            continue
+        q = r.psnr_vs_truth_db if truth else r.psnr_vs_fp32_db
+        if q is not None:
+            groups.setdefault(f"{r.block_size}x{r.block_size} {r.runtime} {r.precision}", []).append((r.p50_ms, q))
+    for label, pts in sorted(groups.items()):
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=label, s=18, color=colors.get(label))
+    ax.set(xlabel="per-frame latency, p50 (ms)",
+           ylabel="PSNR vs the video's HR frames (dB)" if truth else f"PSNR vs FP32 (dB; {EXACT_DB:.0f} = exact)",
+           title="quality vs latency (one point per reference count)")
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.grid(alpha=0.3)
+    if groups:
+        ax.legend(fontsize=7)

@@ -17,8 +17,11 @@ import torch
 
 from gemx.errors import GemxError, check_positive
 from gemx.exporter.cache import cached_export
+from gemx.exporter.contract import PRECISIONS
 from gemx.exporter.export import with_block_size
 from gemx.exporter.manifest import read_export_dir
+from gemx.exporter.validate import psnr_db
+from gemx.frames import sample_frames
 from gemx.model.checkpoint import load_checkpoint
 from gemx.model.lr import downsample
 from gemx.profiles.flops import graph_cost
@@ -32,7 +35,7 @@ class ProfileOptions:
     refs: list[int] = field(default_factory=lambda: [1, 2, 5, 10])
     block_sizes: list[int] | None = None  # default: the checkpoint's and twice it
     runtimes: list[str] = field(default_factory=lambda: ["torch", "ort"])
-    fp16: bool = False
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])  # a sweep axis: fp32, fp16 (GPU runtimes)
     warmup: int = 3
     iters: int = 20
     seconds: float | None = None
@@ -40,6 +43,11 @@ class ProfileOptions:
     cache_dir: Path | None = None
     naive: bool = True
     ops: bool = False  # also break ORT CPU per-frame kernel time down by op type
+    frames: Path | None = None  # a video: references and targets from it, and quality against its HR frames
+
+    @property
+    def fp16(self) -> bool:
+        return "fp16" in self.precisions
 
     def __post_init__(self) -> None:
         check_positive(iters=self.iters, threads=self.threads)
@@ -48,6 +56,9 @@ class ProfileOptions:
         for name, values in (("refs", self.refs), ("block_sizes", self.block_sizes or [])):
             for value in values:
                 check_positive(**{name: value})
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown or not self.precisions:
+            raise GemxError(f"--precision takes {', '.join(PRECISIONS)}, got {', '.join(self.precisions) or 'nothing'}")
         if self.warmup < 0 or (self.seconds is not None and not self.seconds > 0):
             raise GemxError(f"--warmup must be 0 or more and --seconds positive, got {self.warmup} and {self.seconds}")
 
@@ -70,6 +81,8 @@ class ProfileRow:
     kv_cache_bytes: int
     flops: int
     params: int
+    psnr_vs_fp32_db: float | None = None  # this row's frame against the FP32 PyTorch/ORT frame (same inputs)
+    psnr_vs_truth_db: float | None = None  # with --frames: against the video's own HR frame
 
 
 @dataclass
@@ -93,38 +106,46 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
             on_total=lambda total: None) -> ProfileResult:
     exports, model = _exports_for(source, opts, progress)
     runtimes = [resolve_runtime(r) for r in opts.runtimes]
-    precision = "fp16" if opts.fp16 else "fp32"
     if opts.threads:
         torch.set_num_threads(opts.threads)
     max_refs = max(opts.refs)
     result = ProfileResult([], machine_info(opts.threads), str(source or "shipped default checkpoint"))
-    on_total(len(exports) * len(opts.refs) * (len(runtimes) + opts.naive))
+    combos = [(rt, p) for rt in runtimes for p in opts.precisions if p == "fp32" or rt not in CPU_ONLY_FP32]
+    if not combos:
+        raise GemxError(f"no runtime here runs {', '.join(opts.precisions)}; FP16 needs a GPU runtime (torch-cuda, ort-cuda, "
+                        "ort-tensorrt, tensorrt)")
+    on_total(len(exports) * len(opts.refs) * (len(combos) + opts.naive))
     try:
         for block, path in exports.items():
             export_dir = read_export_dir(path)
             if max_refs > export_dir.max_refs:
                 raise GemxError(f"--refs up to {max_refs} exceeds the export's {export_dir.max_refs}")
             cfg = export_dir.config
-            frames = torch.rand(max_refs + 1, 3, cfg.size, cfg.size, generator=torch.Generator().manual_seed(0))
+            frames, _ = sample_frames(cfg.size, max_refs + 1, opts.frames)
+            truth = frames[:1].numpy()
             target = downsample(frames[:1], cfg.scale).numpy()
             block_model = with_block_size(model, block) if model is not None else None
+            fp32_frames = _fp32_frames(path, block_model, frames, target, opts.refs)
             costs = {refs: {g: graph_cost(export_dir.graph_path(g), refs) for g in ("reference_encoder", "frame")}
                      for refs in opts.refs}  # per graph and reference count, the same for every runtime
-            for runtime in runtimes:
-                prec = precision if runtime != "torch" else "fp32"
+            for runtime, prec in combos:
                 mem_kind = "rss over pre-session" if runtime in ("torch", "ort") else "device over pre-session"
                 release_freed_memory()
                 base = rss_now() if mem_kind.startswith("rss") else device_memory_used()
                 session = open_session(runtime, path, prec, opts.threads, model=block_model)
                 for refs in opts.refs:
-                    progress(f"b{block} {runtime} {refs} refs")
+                    progress(f"b{block} {runtime} {prec} {refs} refs")
                     refs_hr = frames[1:refs + 1].numpy()
                     encode, frame, memory = _measure(session, refs_hr, target, opts, mem_kind, base)
+                    out = session(target)  # references of this count are set: the frame the timings measured
+                    quality = {"psnr_vs_fp32_db": min(psnr_db(out, fp32_frames[refs]), EXACT_DB),
+                               "psnr_vs_truth_db": psnr_db(np.clip(out, 0, 1), truth) if opts.frames else None}
                     kv = session.kv_nbytes()
                     by_graph = costs[refs]
                     for stage, t, cost in (("encode", encode, by_graph["reference_encoder"]), ("frame", frame, by_graph["frame"])):
                         result.rows.append(ProfileRow(block, runtime, prec, refs, stage, t.min_ms, t.p50_ms, t.p90_ms, t.p99_ms,
-                                                      t.fps, t.iters, memory, mem_kind, kv, cost["flops"], cost["params"]))
+                                                      t.fps, t.iters, memory, mem_kind, kv, cost["flops"], cost["params"],
+                                                      **quality))
                     if opts.ops and runtime == "ort":
                         result.ops.append(_ops_row(session, block, refs, refs_hr, target, opts))
                     progress(f"b{block} {runtime} {refs} refs", advance=1)
@@ -138,6 +159,26 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
     except KeyboardInterrupt:
         result.interrupted = True
     return result
+
+
+EXACT_DB = 200.0  # PSNR at or above this is the same frame to float32 rounding (stored capped: JSON has no inf)
+CPU_ONLY_FP32 = ("torch", "ort")  # CPU runtimes compute in FP32 (ORT's CPU provider upcasts FP16 graphs)
+
+
+def _fp32_frames(export_path: Path, model, frames: torch.Tensor, target: np.ndarray, refs_list: list[int]) -> dict[int, np.ndarray]:
+    """The FP32 frame for each reference count: what every precision's row is compared with."""
+    if model is not None:
+        from gemx.runtimes.torch_session import TorchSession
+
+        session = TorchSession(model)
+    else:
+        session = open_session("ort", export_path)
+    out = {}
+    for refs in refs_list:
+        session.set_references(frames[1:refs + 1].numpy())
+        out[refs] = session(target)
+    session.close()
+    return out
 
 
 def _ops_row(session, block: int, refs: int, refs_hr: np.ndarray, target: np.ndarray, opts: ProfileOptions) -> dict:

@@ -136,3 +136,37 @@ def test_profile_ops_prints_the_breakdown(tiny_ckpt, tmp_path):
     assert "by op type" in res.output and "Conv" in res.output and "layout share" in res.output
     ops = json.loads((tmp_path / "p.json").read_text())["ops"]
     assert ops and ops[0]["refs"] == 1 and 0 <= ops[0]["layout_share"] < 1 and ops[0]["nodes"]["Conv"] > 0
+
+
+def test_every_row_carries_its_quality_against_fp32(tiny_profile):
+    from gemx.profiles.sweep import EXACT_DB
+
+    _, result = tiny_profile
+    for r in result.rows:
+        if r.stage != "frame":
+            continue
+        assert r.psnr_vs_truth_db is None  # no --frames: no ground truth
+        if r.runtime == "torch":
+            assert r.psnr_vs_fp32_db == EXACT_DB  # the reference itself
+        else:
+            assert 100 < r.psnr_vs_fp32_db <= EXACT_DB, r
+
+
+def test_precision_axis_and_ground_truth_from_a_video(tiny_ckpt, tmp_path):
+    from gemx.video.io import write_video
+
+    clip = (frames(12, 64, seed=4).numpy().transpose(0, 2, 3, 1) * 255).astype("uint8")
+    write_video(tmp_path / "v.mp4", iter(clip), fps=25)
+    with pytest.raises(GemxError, match="FP16 needs a GPU runtime"):
+        profile(tiny_ckpt, ProfileOptions(refs=[1], runtimes=["ort"], precisions=["fp16"], cache_dir=tmp_path))
+    with pytest.raises(GemxError, match="--precision takes fp32, fp16"):
+        ProfileOptions(precisions=["int4"])
+    opts = ProfileOptions(refs=[1, 2], block_sizes=[4], runtimes=["ort"], iters=3, naive=False, frames=tmp_path / "v.mp4",
+                          cache_dir=tmp_path)
+    result = profile(tiny_ckpt, opts)
+    truth = [r.psnr_vs_truth_db for r in result.rows if r.stage == "frame"]
+    assert len(truth) == 2 and all(0 < t < 60 for t in truth)
+    res = CliRunner().invoke(app, ["profile", str(tiny_ckpt), "--refs", "1", "--runtime", "ort", "--no-naive", "--iters", "3",
+                                   "--frames", str(tmp_path / "v.mp4"), "--cache-dir", str(tmp_path), "--plot", str(tmp_path / "p.png")])
+    assert res.exit_code == 0, res.output
+    assert "truth" in res.output and (tmp_path / "p.png").stat().st_size > 10_000
