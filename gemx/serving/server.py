@@ -64,6 +64,15 @@ def check_stub_numpy() -> None:
                         f"numpy {numpy.__version__}); install the serving extra there: {SERVE_EXTRA}")
 
 
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -97,6 +106,9 @@ class TritonServer:
     def start(self, timeout_s: float = 120.0) -> TritonServer:
         read_repository(self.repo)  # verified before the server loads anything from it
         install = find_triton()
+        for option, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port), ("--metrics-port", self.metrics_port)):
+            if not port_free(self.host, port):
+                raise GemxError(f"port {port} on {self.host} is in use; choose another {option}")
         check_stub_numpy()
         self._workdir = Path(tempfile.mkdtemp(prefix="gemx-triton-"))
         backend = self._workdir / "backends" / "python"
@@ -125,10 +137,11 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         url = f"{self.http_url}/v2/models/{MODEL_NAME}/ready"
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            code = self.process.poll()
+            if code is not None:
                 tail = self.log_tail()
                 self.stop()
-                raise GemxError(f"tritonserver exited with code {self.process.returncode} before the model was ready: {tail}")
+                raise GemxError(f"tritonserver exited with code {code} before the model was ready: {tail}")
             try:
                 with urllib.request.urlopen(url, timeout=1) as r:
                     if r.status == 200:

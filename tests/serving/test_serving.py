@@ -297,3 +297,15 @@ def test_triton_force_replaces_only_its_own_repository(tiny_export, tmp_path):
     with pytest.raises(GemxError, match="not a gemx Triton repository"):
         write_repository(tiny_export.path, other, TritonOptions(force=True))
     assert [p.name for p in other.iterdir()] == ["index.html"]
+
+
+def test_serve_on_a_busy_port_is_one_line(repo):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = CliRunner().invoke(app, ["serve", str(repo.path), "--http-port", str(port), "--grpc-port", str(free_port()),
+                                       "--metrics-port", str(free_port())])
+    assert res.exit_code == 1 and f"port {port} on 127.0.0.1 is in use" in res.output and "Traceback" not in res.output
