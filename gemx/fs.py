@@ -23,10 +23,32 @@ from pathlib import Path
 from gemx.errors import GemxError
 
 TMP_MARK = ".gemx-"
+_stop = {"requested": False}
+
+
+def request_stop() -> None:
+    """Ask every later commit to refuse (Ctrl-C, SIGTERM). The signal handler also raises KeyboardInterrupt,
+    but Python drops an exception raised while a finalizer runs; this flag makes the stop certain anyway."""
+    _stop["requested"] = True
+
+
+def stop_requested() -> bool:
+    return _stop["requested"]
+
+
+def stop_handled() -> None:
+    """A command that handled the interrupt itself (profile keeps the rows measured so far) may write again."""
+    _stop["requested"] = False
 
 
 def before_replace(path: Path) -> None:
     """Called between the last check of a target and the move into it (tests make races deterministic here)."""
+
+
+def _last_check(path: Path) -> None:
+    before_replace(path)
+    if _stop["requested"]:
+        raise KeyboardInterrupt
 
 
 def _umask() -> int:
@@ -95,7 +117,7 @@ def atomic_write(path: Path, write: Callable[[Path], object], overwrite: bool = 
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; the final file gets the usual mode
-        before_replace(path)
+        _last_check(path)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -122,7 +144,7 @@ def atomic_dir(path: Path, replaceable: Callable[[Path], bool] | None = None) ->
     try:
         yield tmp
         tmp.chmod(0o777 & ~_umask())
-        before_replace(path)
+        _last_check(path)
         if path.exists() or path.is_symlink():
             if replaceable is None or not replaceable(path):
                 raise GemxError(f"{path} appeared or changed while gemx was writing it; left it alone "

@@ -351,3 +351,18 @@ def test_exports_are_reproducible_and_carry_no_machine_paths(tiny_ckpt, tmp_path
         assert not any(n.metadata_props for n in onnx.load(str(a)).graph.node)
     ma, mb = (json.loads((o / MANIFEST).read_text()) for o in outs)
     assert ma["precisions"] == mb["precisions"] and ma["content_sha256"] == mb["content_sha256"]
+
+
+def test_a_stop_request_refuses_every_later_commit(tmp_path):
+    """The signal handler's KeyboardInterrupt can be lost (raised inside a finalizer); the flag is not."""
+    gemx.fs.request_stop()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write(tmp_path / "f.json", lambda tmp: tmp.write_text("{}"))
+        with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "x").write_text("x")
+        assert sorted(os.listdir(tmp_path)) == []
+    finally:
+        gemx.fs.stop_handled()
+    atomic_write(tmp_path / "f.json", lambda tmp: tmp.write_text("{}"))
+    assert (tmp_path / "f.json").exists()

@@ -8,8 +8,15 @@ import signal
 
 from gemx.cli import models, profile, serve, training, video  # noqa: F401  (registers the commands)
 from gemx.cli._app import app
+from gemx.fs import request_stop
+
+
+def _stop(signum, frame) -> None:
+    request_stop()
+    raise KeyboardInterrupt
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM cleans up like Ctrl-C
+        signal.signal(sig, _stop)
     app(prog_name="gemx")

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from gemx.errors import GemxError
-from gemx.fs import os_error
+from gemx.fs import os_error, stop_requested
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
@@ -45,7 +45,10 @@ def command(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if stop_requested():  # the signal's KeyboardInterrupt was lost in a finalizer; no commit happened after it
+                raise KeyboardInterrupt
+            return result
         except GemxError as e:
             raise fail(str(e)) from None
         except OSError as e:

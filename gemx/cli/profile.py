@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from gemx.cli._app import _int_list, check_outputs, command, console
+from gemx.fs import stop_handled
 
 
 @command
@@ -52,6 +53,7 @@ def profile(
     if result.ops:
         console.print(report.ops_table(result))
     if result.interrupted:
+        stop_handled()
         console.print("[yellow]interrupted: showing and writing the rows measured so far[/]")
     for path, write in outputs:
         if path is not None:
