@@ -68,12 +68,26 @@ class Decoder(nn.Module):
         self.level1 = conv_pair(c1 + inputs[0], c1, c1)
         self.head = nn.Sequential(conv3x3(c1, max(c1 // 2, 3)), nn.ReLU(inplace=True), conv3x3(max(c1 // 2, 3), 3))
 
-    def forward(self, feats: list[torch.Tensor | None]) -> torch.Tensor:
-        x = self.level3(feats[2])
+    def forward(self, feats: list[list[torch.Tensor]]) -> torch.Tensor:
+        """`feats[l]`: what reaches level l (attention output, the target's own features), possibly empty."""
+        x = level_forward(self.level3, feats[2])
         for level, skip in ((self.level2, feats[1]), (self.level1, feats[0])):
-            x = upsample2x(x)
-            x = level(x if skip is None else torch.cat([x, skip], dim=1))
+            x = level_forward(level, [upsample2x(x), *skip])
         return self.head(upsample2x(x))
+
+
+def level_forward(pair: nn.Sequential, parts: list[torch.Tensor]) -> torch.Tensor:
+    """A conv pair applied to the channel concatenation of `parts`, without concatenating: the first conv is a sum
+    of convolutions over each part's slice of its weight (the same numbers to float rounding). Every part then
+    stays in ONNX Runtime's blocked conv layout and no Concat has to be re-laid out."""
+    conv = pair[0]
+    out, start = None, 0
+    for x in parts:
+        w = conv.weight[:, start:start + x.shape[1]]
+        y = F.conv2d(x, w, conv.bias if out is None else None, conv.stride, conv.padding)
+        out = y if out is None else out + y
+        start += x.shape[1]
+    return pair[3](pair[2](pair[1](out)))
 
 
 def conv_pair(cin: int, mid: int, cout: int) -> nn.Sequential:
@@ -218,7 +232,7 @@ class GeminoAttention(nn.Module):
             raise GemxError("this model attends to references: call encode_references first")
         if levels and cache.keys[-1].shape[0] != self._num_blocks(target_lr, levels[-1]):
             raise GemxError("the target frame and the cached references differ in size; encode references of the target's size")
-        feats: list[torch.Tensor | None] = []
+        feats: list[list[torch.Tensor]] = []
         for i, q in enumerate(queries):
             parts = []
             if i in levels:
@@ -227,9 +241,9 @@ class GeminoAttention(nn.Module):
                 parts.append(block_attention(qn, cache.keys[j], cache.values[j], self.config.block_at(i)))
             if self.config.arch == "sisr" or self.config.robust:
                 parts.append(q)
-            feats.append(torch.cat(parts, dim=1) if parts else None)
+            feats.append(parts)
         if self.config.arch == "coarse":
-            feats[0] = feats[1] = None
+            feats[0] = feats[1] = []
         out = self.decoder(feats)
         return out + upsampled if self.config.residual else out
 
