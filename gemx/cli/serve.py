@@ -13,6 +13,7 @@ from rich.table import Table
 
 from gemx.cli._app import _int_list, check_outputs, command, console, lit
 from gemx.errors import GemxError
+from gemx.fs import stop_handled
 
 
 @command
@@ -62,6 +63,7 @@ def serve(
             time.sleep(0.5)
         raise GemxError(f"tritonserver exited with code {server.process.returncode}: {server.log_tail()}")
     except KeyboardInterrupt:
+        stop_handled()  # Ctrl-C is how a server is meant to stop: not an error
         console.print("stopping")
     finally:
         server.stop()

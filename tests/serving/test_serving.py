@@ -309,3 +309,29 @@ def test_serve_on_a_busy_port_is_one_line(repo):
         res = CliRunner().invoke(app, ["serve", str(repo.path), "--http-port", str(port), "--grpc-port", str(free_port()),
                                        "--metrics-port", str(free_port())])
     assert res.exit_code == 1 and f"port {port} on 127.0.0.1 is in use" in res.output and "Traceback" not in res.output
+
+
+def test_gemx_serve_runs_until_sigterm_and_leaves_no_server(repo):
+    import os
+    import signal
+
+    ports = [str(free_port()) for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "gemx", "serve", str(repo.path), "--grpc-port", ports[0], "--http-port", ports[1],
+                             "--metrics-port", ports[2]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    try:
+        line = proc.stdout.readline()  # printed once the model is ready
+        assert f"127.0.0.1:{ports[0]}" in line, line + proc.stderr.read()
+        with RemoteStream(f"127.0.0.1:{ports[0]}") as s:
+            refs, lr = data(50)
+            s.set_references(refs)
+            assert s(lr[0]).shape == (1, 3, 64, 64)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "stopping" in out and "error" not in err, err
+    children = subprocess.run(["pgrep", "-f", f"--grpc-port={ports[0]}"], capture_output=True, text=True).stdout.split()
+    assert children == []  # the tritonserver it started is gone too
