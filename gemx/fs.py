@@ -89,7 +89,10 @@ def clean_stale(path: Path) -> list[Path]:
         pid = tmp.name[len(Path(path).name) + 1 + len(TMP_MARK):].split("-", 1)[0]
         if not pid.isdigit() or _alive(int(pid)):
             continue
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
 
@@ -121,14 +124,25 @@ def atomic_write(path: Path, write: Callable[[Path], object], overwrite: bool = 
         if overwrite:
             os.replace(tmp, path)
         else:
-            try:
-                os.link(tmp, path)  # fails if anything is there now: no check-then-replace window
-            except FileExistsError:
-                raise GemxError(f"{path} appeared while gemx was writing it; left it alone (pass --force to replace it)") from None
+            _move_no_replace(tmp, path)
     except OSError as e:
         raise os_error(e, path) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _move_no_replace(tmp: Path, path: Path) -> None:
+    appeared = GemxError(f"{path} appeared while gemx was writing it; left it alone (pass --force to replace it)")
+    try:
+        os.link(tmp, path)  # fails if anything is there now: no check-then-replace window
+    except FileExistsError:
+        raise appeared from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if path.exists():  # a filesystem without hard links: the narrowest check there is
+            raise appeared from None
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager
