@@ -51,6 +51,19 @@ def _last_check(path: Path) -> None:
         raise KeyboardInterrupt
 
 
+def check_target(path: Path, force: bool, ours: Callable[[Path], bool], what: str, option: str = "--out") -> None:
+    """Refuse, before any work, a target the final move would refuse too (it checks again at the move)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise GemxError(f"{path} exists and is not a directory; choose another {option}")
+    if not ours(path):
+        raise GemxError(f"{path} exists and is not {what}; choose another {option} (gemx will not replace it)")
+    if not force:
+        raise GemxError(f"{path} already holds {what}; pass --force to replace it or choose another {option}")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -23,7 +23,7 @@ from gemx.exporter.onnx_export import DEFAULT_OPSET, check_opset, export_graph, 
 from gemx.exporter.trt_check import TrtReport, check_tensorrt_compat
 from gemx.exporter.validate import FP32_TOLERANCE, ParityRow, check_parity
 from gemx.frames import sample_frames
-from gemx.fs import atomic_dir, atomic_write
+from gemx.fs import atomic_dir, atomic_write, check_target
 from gemx.model.checkpoint import Checkpoint, load_checkpoint
 from gemx.model.network import GeminoAttention, build_model
 
@@ -83,7 +83,7 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
     cfg = model.config
     Contract(cfg)  # refuses models without references before any work
     out = Path(opts.out) if opts.out else default_out_dir(ckpt, cfg.block_size)
-    _check_target(out, opts.force)
+    check_target(out, opts.force, is_export, "a gemx export")
     refs_list = sorted({r for r in (*VALIDATE_REFS, opts.max_refs) if r <= opts.max_refs})
     frames, source = sample_frames(cfg.size, max(refs_list) + 1, opts.frames)
     params = sum(p.numel() for p in model.parameters())
@@ -144,15 +144,3 @@ def _simplify(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     strip_build_metadata(slim)
     atomic_write(path, lambda tmp: onnx.save(slim, str(tmp)))
     return slim
-
-
-def _check_target(out: Path, force: bool) -> None:
-    """Refuse early what the final move would refuse too (it checks again, in case the folder appears meanwhile)."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise GemxError(f"{out} exists and is not a directory; choose another --out")
-    if not is_export(out):
-        raise GemxError(f"{out} exists and is not a gemx export; choose another --out (gemx will not replace it)")
-    if not force:
-        raise GemxError(f"{out} already holds an export; pass --force to replace it or choose another --out")

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gemx
-from gemx.errors import GemxError
+from gemx.errors import GemxError, check_positive
 from gemx.exporter.contract import Contract, TensorSpec
 from gemx.exporter.manifest import MANIFEST, ExportDir, read_export_dir, sha256
-from gemx.fs import atomic_dir
+from gemx.fs import atomic_dir, check_target
 
 MODEL_NAME = "gemx"
 FORMAT = "gemx-triton"
@@ -82,7 +82,7 @@ class Repository:
 def write_repository(export_path: Path, out: Path, opts: TritonOptions) -> Repository:
     export = read_export_dir(export_path)  # refuses a tampered export (sha256 of every graph)
     _check_options(export, opts)
-    _check_target(Path(out), opts.force)
+    check_target(Path(out), opts.force, is_repository, "a gemx Triton repository")
     max_refs = opts.max_refs or export.max_refs
     contract = export.contract(_contract_precision(opts))
     manifest = {
@@ -206,24 +206,8 @@ def _check_options(export: ExportDir, opts: TritonOptions) -> None:
         raise GemxError("FP16 serving needs a GPU runtime (ort-cuda, ort-tensorrt or tensorrt); ORT's CPU provider computes FP32")
     if opts.max_refs is not None and not 1 <= opts.max_refs <= export.max_refs:
         raise GemxError(f"--max-refs must be between 1 and the export's {export.max_refs}, got {opts.max_refs}")
-    for name, value in (("--max-streams", opts.max_streams), ("--instances", opts.instances)):
-        if value < 1:
-            raise GemxError(f"{name} must be at least 1, got {value}")
+    check_positive(max_streams=opts.max_streams, instances=opts.instances, threads=opts.threads)
     if not opts.kv_budget_mb > 0:
         raise GemxError(f"--kv-budget-mb must be positive, got {opts.kv_budget_mb}")
     if not opts.idle_timeout_s > 0:
         raise GemxError(f"--idle-timeout must be positive seconds, got {opts.idle_timeout_s}")
-    if opts.threads is not None and opts.threads < 1:
-        raise GemxError(f"--threads must be at least 1, got {opts.threads}")
-
-
-def _check_target(out: Path, force: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise GemxError(f"{out} exists and is not a directory; choose another --out")
-    if not is_repository(out):
-        raise GemxError(f"{out} exists and is not a gemx Triton repository; choose another --out (gemx will not replace it)")
-    if not force:
-        raise GemxError(f"{out} already holds a gemx Triton repository; pass --force to replace it or choose another --out")
-

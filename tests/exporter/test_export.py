@@ -96,7 +96,7 @@ def test_tensorrt_check_flags_cubic_resize_and_dynamic_reshape():
 
 def test_existing_export_is_not_overwritten_without_force(tiny_export):
     before = (tiny_export.path / "manifest.json").read_bytes()
-    with pytest.raises(GemxError, match="already holds an export; pass --force"):
+    with pytest.raises(GemxError, match="already holds a gemx export; pass --force"):
         export(tiny_export.path.parent / "tiny.pt", ExportOptions(out=tiny_export.path))
     assert (tiny_export.path / "manifest.json").read_bytes() == before
 

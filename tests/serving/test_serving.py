@@ -335,3 +335,16 @@ def test_gemx_serve_runs_until_sigterm_and_leaves_no_server(repo):
     assert proc.returncode == 0 and "stopping" in out and "error" not in err, err
     children = subprocess.run(["pgrep", "-f", f"--grpc-port={ports[0]}"], capture_output=True, text=True).stdout.split()
     assert children == []  # the tritonserver it started is gone too
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-streams", "0"], "--max-streams must be a positive integer"),
+    (["--kv-budget-mb", "-1"], "--kv-budget-mb must be positive"),
+    (["--max-refs", "99"], "--max-refs must be between 1 and the export's 12"),
+    (["--runtime", "onnx"], "unknown serving runtime 'onnx'"),
+    (["--precision", "fp16"], "FP16 serving needs a GPU runtime"),
+])
+def test_bad_triton_options_are_one_line(tiny_export, tmp_path, args, message):
+    res = CliRunner().invoke(app, ["triton", str(tiny_export.path), "--out", str(tmp_path / "r"), *args])
+    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "r").exists()
