@@ -90,5 +90,11 @@ class Contract:
     def graphs(self) -> tuple[GraphSpec, GraphSpec]:
         return (self.reference_encoder, self.frame)
 
+    def kv_bytes(self, refs: int) -> int:
+        """Bytes of one reference set's keys and values."""
+        import numpy as np
+
+        return sum(int(np.prod(s.concrete(refs))) * np.dtype(s.dtype).itemsize for s in self.kv)
+
     def refs_axis(self, spec: TensorSpec) -> int:
         return spec.shape.index(REFS)

@@ -85,7 +85,7 @@ class Session(ABC):
 
     def kv_bytes(self, refs: int) -> int:
         """Bytes of one cache of `refs` references, from the contract."""
-        return sum(int(np.prod(s.concrete(refs))) * np.dtype(s.dtype).itemsize for s in self.contract.kv)
+        return self.contract.kv_bytes(refs)
 
     def __enter__(self) -> Session:
         return self

@@ -92,7 +92,7 @@ def write_repository(export_path: Path, out: Path, opts: TritonOptions) -> Repos
         "runtime": opts.runtime, "precision": opts.precision,
         "limits": {"max_refs": max_refs, "max_streams": opts.max_streams, "kv_budget_mb": opts.kv_budget_mb,
                    "idle_timeout_s": opts.idle_timeout_s},
-        "kv_bytes_per_reference": _kv_bytes(contract, 1),
+        "kv_bytes_per_reference": contract.kv_bytes(1),
     }
     with atomic_dir(Path(out), replaceable=lambda p: opts.force and is_repository(p)) as tmp:
         model = tmp / MODEL_NAME
@@ -185,12 +185,6 @@ def _model_config_pb2():
     except ImportError:
         raise GemxError("writing a Triton repository needs Triton's protobufs; install them with: pip install 'gemx[serve]'") from None
     return model_config_pb2
-
-
-def _kv_bytes(contract: Contract, refs: int) -> int:
-    import numpy as np
-
-    return sum(int(np.prod(s.concrete(refs))) * np.dtype(s.dtype).itemsize for s in contract.kv)
 
 
 def _contract_precision(opts: TritonOptions) -> str:
