@@ -65,7 +65,10 @@ def check_stub_numpy() -> None:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on the port now: another listener makes it busy, a connection of a
+    server that just stopped (TIME_WAIT) does not, as for the server itself (SO_REUSEADDR)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
