@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from gemx.errors import GemxError
+from gemx.fs import atomic_write
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,8 @@ def cached_frames(video: Path, size: int, cache_dir: Path | None = None) -> np.n
     key = hashlib.sha1(f"{video.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{size}".encode()).hexdigest()[:12]
     path = (cache_dir or default_cache_dir()) / "frames" / f"{video.stem}-{size}-{key}.npy"
     if not path.exists():
-        from gemx.fs import atomic_write
-
         frames = np.stack([square_crop_resize(f, size) for f in iter_frames(video)])
+
         def save(tmp: Path) -> None:
             with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a path
                 np.save(f, frames)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import json
 import os
 import shutil
 import tempfile
@@ -62,6 +63,17 @@ def check_target(path: Path, force: bool, ours: Callable[[Path], bool], what: st
         raise GemxError(f"{path} exists and is not {what}; choose another {option} (gemx will not replace it)")
     if not force:
         raise GemxError(f"{path} already holds {what}; pass --force to replace it or choose another {option}")
+
+
+def json_field(path: Path, key: str) -> object:
+    """`key` of the JSON object in the file at `path`, or None when the file is missing, unreadable or not one.
+
+    How a folder proves it is gemx's: its manifest or record says so, not merely its file names."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def _umask() -> int:

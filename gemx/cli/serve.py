@@ -114,8 +114,7 @@ def loadtest(
     from gemx.serving.loadtest import loadtest as run_loadtest
 
     check_outputs([json_out], force)
-    frames = _video_frames(video, url) if video is not None else None
-    opts = LoadOptions(_int_list(streams, "--streams"), fps, seconds, refs, frames, repo)
+    opts = LoadOptions(_int_list(streams, "--streams"), fps, seconds, refs, video, repo)
     with console.status("load test") as status:
         result = run_loadtest(url, opts, progress=lambda msg: status.update(msg))
     table = Table(title=f"{lit(url)}: streams at {fps:g} fps, {seconds:g} s each, {refs} refs ({result.frame_source})")
@@ -141,13 +140,3 @@ def loadtest(
         atomic_write(json_out, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"), overwrite=force)
         console.print(f"wrote {json_out}", markup=False, highlight=False)
 
-
-def _video_frames(video: Path, url: str):
-    import numpy as np
-
-    from gemx.frames import read_frames, square_crop_resize, to_tensor
-    from gemx.serving.client import RemoteStream
-
-    with RemoteStream(url) as probe:
-        size = probe.contract.config.size
-    return to_tensor(np.stack([square_crop_resize(f, size) for f in read_frames(video, limit=64)])).numpy()

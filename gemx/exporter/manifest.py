@@ -12,7 +12,7 @@ import onnx
 import gemx
 from gemx.errors import GemxError
 from gemx.exporter.contract import Contract, GraphSpec
-from gemx.fs import atomic_write
+from gemx.fs import atomic_write, json_field
 from gemx.model.config import ModelConfig
 
 FORMAT = "gemx-export"
@@ -88,10 +88,7 @@ class ExportDir:
 
 def is_export(path: Path) -> bool:
     """A folder is an export when its manifest says so, not merely because it holds a `manifest.json`."""
-    try:
-        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return json_field(Path(path) / MANIFEST, "format") == FORMAT
 
 
 def read_export_dir(path: Path, verify: bool = True) -> ExportDir:

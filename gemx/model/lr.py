@@ -44,19 +44,19 @@ def _phase_kernel(scale: int) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(taps[p][i] * taps[q][j] for i in range(5) for j in range(5)) for p in range(scale) for q in range(scale))
 
 
-@functools.cache
-def _device_kernel(scale: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The kernel resident on a GPU, made once: a CUDA graph cannot capture the host-to-device copy."""
+def _kernel(scale: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor(_phase_kernel(scale), dtype=dtype, device=device).reshape(scale * scale, 1, 5, 5)
+
+
+# On a GPU the kernel is made once: a CUDA graph cannot capture the host-to-device copy. Elsewhere it is made per
+# call, since a cached tensor could be a fake tensor captured while tracing an export.
+_device_kernel = functools.cache(_kernel)
 
 
 def upsample_bicubic(x: torch.Tensor, scale: int) -> torch.Tensor:
     """Bicubic x`scale` upsampling of [N, C, h, w] as one depthwise conv and a pixel shuffle."""
     c = x.shape[1]
-    if x.device.type == "cuda":
-        kernel = _device_kernel(scale, x.dtype, x.device)
-    else:
-        kernel = torch.tensor(_phase_kernel(scale), dtype=x.dtype, device=x.device).reshape(scale * scale, 1, 5, 5)
+    kernel = (_device_kernel if x.device.type == "cuda" else _kernel)(scale, x.dtype, x.device)
     kernel = kernel.repeat(c, 1, 1, 1)  # [c*s*s, 1, 5, 5], groups=c
     padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
     phases = F.conv2d(padded, kernel, groups=c)

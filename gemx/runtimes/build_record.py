@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gemx.errors import GemxError
 from gemx.exporter.manifest import ExportDir, sha256
-from gemx.fs import atomic_write
+from gemx.fs import atomic_write, json_field
 from gemx.runtimes.gpu import detect_gpu, tensorrt_version
 
 RECORD = "build.json"
@@ -28,10 +28,7 @@ def write_record(path: Path, record: dict) -> None:
 
 
 def is_build(path: Path) -> bool:
-    try:
-        return json.loads((Path(path) / RECORD).read_text()).get("target") in ("ort-cpu", "tensorrt")
-    except (OSError, ValueError, AttributeError):
-        return False
+    return json_field(Path(path) / RECORD, "target") in ("ort-cpu", "tensorrt")
 
 
 def read_record(path: Path, export: ExportDir) -> dict:

@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from gemx.errors import GemxError
+from gemx.frames import sample_frames
 
 KEEPS_UP = 0.95  # a stream keeps the target when it achieves at least this share of it
+CLIP_FRAMES = 64  # frames each simulated call draws its references and targets from
 
 
 @dataclass
@@ -31,7 +33,7 @@ class LoadOptions:
     fps: float = 25.0
     seconds: float = 10.0
     refs: int = 5
-    frames: np.ndarray | None = None  # HR frames [N, 3, H, W] in [0, 1] to draw references and targets from
+    video: Path | None = None  # an HR video to draw references and targets from (synthetic frames without one)
     repo: Path | None = None  # the repository the server serves: adds the in-process row
 
     def __post_init__(self) -> None:
@@ -97,7 +99,8 @@ def loadtest(url: str, opts: LoadOptions, progress: Callable[[str], None] = lamb
 
     with RemoteStream(url) as probe:  # reachable, and which geometry it serves
         contract = probe.contract
-    frames, source = _frames(opts.frames, contract.config.size)
+    frames, source = sample_frames(contract.config.size, CLIP_FRAMES, opts.video)  # timing does not depend on content
+    frames = frames.numpy()
     rows = []
     if opts.repo is not None:
         progress("1 stream in this process (no server)")
@@ -200,15 +203,6 @@ def _row(mode: str, opts: LoadOptions, stats: list[StreamStats]) -> LoadRow:
     first = next((s.errors[0] for s in stats if s.errors), "")
     return LoadRow(mode, len(stats), min(fps), float(np.mean(fps)), p50, p90, p99, sum(s.late for s in stats),
                    sum(s.dropped for s in stats), errors, max(s.server_kv_bytes for s in stats) / 2**20, keeps_up, first)
-
-
-def _frames(frames: np.ndarray | None, size: int) -> tuple[np.ndarray, str]:
-    if frames is not None:
-        return frames, "video"
-    # Timing does not depend on content: smooth random images stand in when no video is given.
-    g = np.random.default_rng(0)
-    coarse = g.random((64, 3, size // 8, size // 8), dtype=np.float32)
-    return np.repeat(np.repeat(coarse, 8, axis=2), 8, axis=3), "synthetic frames (no --video)"
 
 
 def _call_frames(frames: np.ndarray, k: int, refs: int, scale: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ import gemx
 from gemx.errors import GemxError, check_positive
 from gemx.exporter.contract import Contract, TensorSpec
 from gemx.exporter.manifest import MANIFEST, ExportDir, read_export_dir, sha256
-from gemx.fs import atomic_dir, check_target
+from gemx.fs import atomic_dir, check_target, json_field
 
 MODEL_NAME = "gemx"
 FORMAT = "gemx-triton"
@@ -105,10 +105,7 @@ def write_repository(export_path: Path, out: Path, opts: TritonOptions) -> Repos
 
 
 def is_repository(path: Path) -> bool:
-    try:
-        return json.loads((Path(path) / MODEL_NAME / SERVING_MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return json_field(Path(path) / MODEL_NAME / SERVING_MANIFEST, "format") == FORMAT
 
 
 def read_repository(path: Path) -> Repository:
