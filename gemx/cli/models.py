@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from gemx.cli._app import _load_model, _si, command, console, lit
+from gemx.errors import GemxError
 
 
 @command
@@ -48,20 +49,27 @@ def export(
     fp16: Annotated[bool, typer.Option("--fp16", help="also write mixed-precision FP16 graphs (softmax and logits in FP32)")] = False,
     simplify: Annotated[bool, typer.Option("--simplify", help="simplify graphs with onnxslim, parity re-checked")] = False,
     frames: Annotated[Path | None, typer.Option(help="video to check parity on (default: synthetic frames)")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="also write INT8 QDQ graphs (TensorRT explicit quantization, ONNX Runtime CPU)")] = False,
+    calib: Annotated[list[Path] | None, typer.Option(help="INT8 calibration video or folder of videos (repeatable); "
+                                                         "the shipped checkpoint has its ranges built in")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing export directory")] = False,
 ):
     """Export split ONNX graphs (reference encoder + per-frame) with a dynamic `refs` axis and a manifest."""
     from gemx.exporter.export import ExportOptions
     from gemx.exporter.export import export as run_export
 
-    opts = ExportOptions(out, block_size, opset, max_refs, fp16, simplify, force, frames)
+    if calib and not int8:
+        raise GemxError("--calib calibrates INT8 graphs; add --int8")
+    opts = ExportOptions(out, block_size, opset, max_refs, fp16, simplify, force, frames, int8, list(calib or []))
     with console.status("exporting") as status:
         result = run_export(ckpt, opts, progress=lambda msg: status.update(msg))
     render_export(result)
 
 
 def render_export(result) -> None:
-    from gemx.exporter.validate import FP16_PSNR_GOAL, FP32_TOLERANCE
+    from gemx.exporter.validate import FP16_PSNR_GOAL, FP32_TOLERANCE, INT8_PSNR_GOAL
+
+    goal = {"fp16": FP16_PSNR_GOAL, "int8": INT8_PSNR_GOAL}
 
     table = Table(title=f"parity of the composed graphs (ONNX Runtime CPU, {lit(result.frames_source)})")
     for col in ("precision", "against", "refs", "max abs error", "PSNR dB", "verdict"):
@@ -69,13 +77,17 @@ def render_export(result) -> None:
     for precision, rows in result.parity.items():
         against = result.manifest["precisions"][precision]["parity_against"]
         for r in rows:
-            ok = r.max_abs_error <= FP32_TOLERANCE if precision == "fp32" else r.psnr_db > FP16_PSNR_GOAL
+            ok = r.max_abs_error <= FP32_TOLERANCE if precision == "fp32" else r.psnr_db > goal[precision]
             table.add_row(precision, against, str(r.refs), f"{r.max_abs_error:.2e}", f"{r.psnr_db:.1f}",
                           "[green]ok[/]" if ok else "[red]over budget[/]")
     console.print(table)
     if "fp16" in result.parity:
         console.print("[dim]ONNX Runtime's CPU provider computes FP16 graphs in FP32 after casting weights; "
                       "GPU FP16 error is measured by `gemx build --fp16`.[/]")
+    if "int8" in result.parity:
+        q = result.manifest["precisions"]["int8"]["quantization"]
+        console.print(f"[dim]INT8: {q['method']}, calibrated on {q['calibration']['frames']} frames of "
+                      f"{lit(q['calibration']['source'])}; RGB convolutions and attention kept in FP32.[/]")
     trt = Table(title=f"TensorRT parser compatibility (op table of TensorRT {result.trt[0].tensorrt_version})")
     for col in ("graph", "ops", "verdict"):
         trt.add_column(col)

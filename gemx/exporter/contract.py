@@ -20,7 +20,7 @@ from gemx.errors import GemxError
 from gemx.model.config import ModelConfig
 
 REFS = "refs"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")  # int8: QDQ graphs with float inputs and outputs
 
 
 @dataclass(frozen=True)

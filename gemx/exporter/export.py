@@ -21,7 +21,20 @@ from gemx.exporter.graphs import FrameGraph, ReferenceEncoderGraph
 from gemx.exporter.manifest import graph_entry, is_export, new_manifest, sha256, write_manifest
 from gemx.exporter.onnx_export import DEFAULT_OPSET, check_opset, export_graph, strip_build_metadata
 from gemx.exporter.trt_check import TrtReport, check_tensorrt_compat
-from gemx.exporter.validate import FP32_TOLERANCE, ParityRow, check_parity
+from gemx.exporter.quantize import (
+    METHOD,
+    RANGES_FILE,
+    RangeTable,
+    calibrate,
+    calibration_frames_needed,
+    calibration_videos,
+    fold_constants,
+    fp32_convs,
+    load_ranges,
+    quantize,
+    shipped_ranges_path,
+)
+from gemx.exporter.validate import FP32_TOLERANCE, INT8_PSNR_GOAL, ParityRow, check_parity
 from gemx.frames import sample_frames
 from gemx.fs import atomic_dir, atomic_write, check_target
 from gemx.model.checkpoint import Checkpoint, load_checkpoint
@@ -40,6 +53,8 @@ class ExportOptions:
     simplify: bool = False
     force: bool = False
     frames: Path | None = None  # a video to check parity on (synthetic frames without one)
+    int8: bool = False
+    calib: list[Path] = field(default_factory=list)  # videos or folders of videos to calibrate INT8 on
 
     def __post_init__(self) -> None:
         check_positive(block_size=self.block_size, max_refs=self.max_refs)
@@ -85,10 +100,11 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
     out = Path(opts.out) if opts.out else default_out_dir(ckpt, cfg.block_size)
     check_target(out, opts.force, is_export, "a gemx export")
     refs_list = sorted({r for r in (*VALIDATE_REFS, opts.max_refs) if r <= opts.max_refs})
+    ckpt_sha = sha256(ckpt.path)
+    calib = _int8_calibration(ckpt.path, ckpt_sha, opts) if opts.int8 else None  # refused before any work
     frames, source = sample_frames(cfg.size, max(refs_list) + 1, opts.frames)
     params = sum(p.numel() for p in model.parameters())
-    manifest = new_manifest(cfg, params, opts.opset, opts.max_refs, refs_list,
-                            {"file": ckpt.path.name, "sha256": sha256(ckpt.path)})
+    manifest = new_manifest(cfg, params, opts.opset, opts.max_refs, refs_list, {"file": ckpt.path.name, "sha256": ckpt_sha})
     result = ExportResult(out, manifest, frames_source=source)
     with atomic_dir(out, replaceable=lambda p: opts.force and is_export(p)) as tmp:
         for precision in ("fp32", "fp16") if opts.fp16 else ("fp32",):
@@ -115,8 +131,59 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
                 "parity": [vars(r) for r in rows],
                 "parity_against": "pytorch" if precision == "fp32" else "fp32 graphs",
             }
+        if opts.int8:
+            _export_int8(Contract(cfg), tmp, calib, ckpt_sha, frames, refs_list, model, result, progress)
         write_manifest(tmp, manifest)
     return result
+
+
+def _int8_calibration(checkpoint: Path, checkpoint_sha: str, opts: ExportOptions) -> list[Path] | RangeTable:
+    """The calibration videos named by --calib, else the range table shipped with the checkpoint."""
+    if opts.calib:
+        return calibration_videos(opts.calib)
+    shipped = shipped_ranges_path(checkpoint)
+    if not shipped.exists():
+        raise calibration_frames_needed(checkpoint)
+    return load_ranges(shipped, checkpoint_sha)
+
+
+def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, checkpoint_sha: str, frames: torch.Tensor,
+                 refs_list: list[int], model: GeminoAttention, result: ExportResult, progress) -> None:
+    """QDQ INT8 graphs from the FP32 graphs in `out`, their accuracy against FP32, and the range table used."""
+    import tempfile
+
+    fp32_paths = tuple(out / spec.file("fp32") for spec in contract.graphs)
+    with tempfile.TemporaryDirectory(prefix="gemx-int8-") as work:
+        folded = tuple(Path(work) / p.name for p in fp32_paths)
+        for src, dst in zip(fp32_paths, folded, strict=True):
+            fold_constants(src, dst)
+        table = calibrate(folded, contract, calib, checkpoint_sha, progress) if isinstance(calib, list) else calib
+        progress("quantizing graphs to INT8 (QDQ)")
+        paths = tuple(out / spec.file("int8") for spec in contract.graphs)
+        protos = [quantize(src, table.graphs[spec.name], dst) for spec, src, dst in zip(contract.graphs, folded, paths, strict=True)]
+        kept_fp32 = {spec.name: fp32_convs(onnx.load(str(src))) for spec, src in zip(contract.graphs, folded, strict=True)}
+    table.save(out / RANGES_FILE)
+    result.trt += [check_tensorrt_compat(p, path.name) for p, path in zip(protos, paths, strict=True)]
+    progress(f"checking int8 accuracy at refs {refs_list}")
+    rows = check_parity(model, Contract(contract.config, "int8"), paths, refs_list, frames, reference_paths=fp32_paths)
+    result.parity["int8"] = rows
+    worst = min(r.psnr_db for r in rows)
+    if not worst > INT8_PSNR_GOAL:
+        raise GemxError(f"the int8 graphs reach only {worst:.1f} dB PSNR against FP32 (goal > {INT8_PSNR_GOAL} dB); "
+                        "export refused: calibrate on video closer to what you serve (--calib)")
+    result.manifest["precisions"]["int8"] = {
+        "graphs": {spec.name: graph_entry(spec, path, proto) for spec, path, proto in zip(contract.graphs, paths, protos, strict=True)},
+        "parity": [vars(r) for r in rows],
+        "parity_against": "fp32 graphs",
+        "quantization": {
+            "method": METHOD, "format": "QDQ",
+            "activations": "int8, symmetric per tensor (zero point 0)", "weights": "int8, symmetric per output channel",
+            "quantized_ops": ["Conv"], "kept_fp32": kept_fp32,
+            "calibration": {"source": table.source, "frames": table.frames, "block_size": table.block_size,
+                            "table": RANGES_FILE, "table_sha256": sha256(out / RANGES_FILE),
+                            "shipped": not isinstance(calib, list)},
+        },
+    }
 
 
 def _export_pair(model: GeminoAttention, contract: Contract, out: Path, opts: ExportOptions,

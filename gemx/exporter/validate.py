@@ -15,6 +15,7 @@ from gemx.model.network import GeminoAttention
 
 FP32_TOLERANCE = 1e-4
 FP16_PSNR_GOAL = 50.0
+INT8_PSNR_GOAL = 40.0  # composed INT8 graphs vs FP32; measured about 54-57 dB on the test videos
 
 
 @dataclass

@@ -1,0 +1,212 @@
+"""INT8: calibrated activation ranges and QDQ graphs in the form TensorRT's explicit quantization takes.
+
+One range table, two uses. Calibration runs the FP32 graphs on real frames (ONNX Runtime's MinMax
+calibrator) and keeps each quantized tensor's range in a small JSON table tied to the checkpoint's sha256;
+quantization turns that table into QDQ graphs: symmetric int8 activations (zero points 0), per-channel
+symmetric int8 weights, float biases, Conv layers only. Convolutions that read or write RGB (3 channels or
+fewer: the bicubic upsampler, the first layer of each encoder, the decoder's last) stay FP32: they are the
+most sensitive layers and, with so few channels, no faster in int8. Attention (MatMul, Softmax) stays FP32 too.
+
+A shipped checkpoint carries its table next to it (`NAME.int8.json`), so `gemx export --int8` needs no video;
+any other checkpoint calibrates on `--calib VIDEO|DIR`, and the export keeps the table it used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from gemx.errors import GemxError
+from gemx.exporter.contract import Contract
+from gemx.exporter.validate import ort_session
+from gemx.frames import cached_frames, to_tensor
+from gemx.fs import atomic_write
+from gemx.model.lr import downsample
+
+RANGES_FORMAT = "gemx-int8-ranges"
+RANGES_VERSION = 1
+RANGES_FILE = "int8_ranges.json"  # the table an export was quantized with, kept in the export
+METHOD = "ptq-minmax"
+CALIB_FRAMES = 48  # frame-graph samples over all calibration videos
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
+RGB_CHANNELS = 3
+
+
+@dataclass(frozen=True)
+class RangeTable:
+    """Calibrated [lowest, highest] per quantized tensor, per graph, for one checkpoint."""
+    checkpoint_sha256: str
+    block_size: int
+    source: str  # what it was calibrated on, in words
+    frames: int
+    graphs: dict[str, dict[str, tuple[float, float]]]
+
+    def to_dict(self) -> dict:
+        return {"format": RANGES_FORMAT, "version": RANGES_VERSION, "method": METHOD,
+                "checkpoint_sha256": self.checkpoint_sha256, "block_size": self.block_size,
+                "calibration": {"source": self.source, "frames": self.frames},
+                "graphs": {g: {t: list(r) for t, r in sorted(ranges.items())} for g, ranges in self.graphs.items()}}
+
+    def save(self, path: Path) -> None:
+        text = json.dumps(self.to_dict(), indent=1) + "\n"
+        atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def shipped_ranges_path(checkpoint: Path) -> Path:
+    return Path(checkpoint).with_suffix(".int8.json")
+
+
+def load_ranges(path: Path, checkpoint_sha256: str) -> RangeTable:
+    """A range table, refused unless it is well formed and was calibrated for exactly this checkpoint."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+        if d.get("format") != RANGES_FORMAT or d.get("version") != RANGES_VERSION or d.get("method") != METHOD:
+            raise ValueError(f"not a {RANGES_FORMAT} v{RANGES_VERSION} table")
+        graphs = {g: {t: (float(lo), float(hi)) for t, (lo, hi) in ranges.items()} for g, ranges in d["graphs"].items()}
+        if not all(math.isfinite(v) for ranges in graphs.values() for r in ranges.values() for v in r):
+            raise ValueError("a range is not finite")
+        table = RangeTable(d["checkpoint_sha256"], int(d["block_size"]), str(d["calibration"]["source"]),
+                           int(d["calibration"]["frames"]), graphs)
+    except OSError as e:
+        raise GemxError(f"cannot read INT8 range table {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise GemxError(f"{path} is not a usable INT8 range table ({e}); calibrate again with --calib VIDEO|DIR") from None
+    if table.checkpoint_sha256 != checkpoint_sha256:
+        raise GemxError(f"{path} was calibrated for another checkpoint; calibrate this one with --calib VIDEO|DIR")
+    return table
+
+
+def calibration_videos(paths: list[Path]) -> list[Path]:
+    """`--calib` values: videos, or folders holding videos (not searched recursively)."""
+    videos = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES and f.is_file())
+            if not found:
+                raise GemxError(f"--calib {p}: the folder holds no videos ({', '.join(VIDEO_SUFFIXES)})")
+            videos += found
+        elif p.is_file():
+            videos.append(p)
+        else:
+            raise GemxError(f"--calib {p} does not exist; name a talking-head video or a folder of them")
+    return videos
+
+
+def calibrate(fp32_paths: tuple[Path, Path], contract: Contract, videos: list[Path], checkpoint_sha256: str,
+              progress=lambda msg: None) -> RangeTable:
+    """Run the (constant-folded) FP32 graphs over frames of `videos` and keep every Conv input's range.
+
+    Frame-graph samples: CALIB_FRAMES targets spread over the videos, each attending to 1 or 2 other frames
+    of its own video; encoder samples: those reference sets."""
+    cfg = contract.config
+    per_video = max(2, -(-CALIB_FRAMES // len(videos)))
+    encoder_feeds, frame_feeds = [], []
+    encoder = ort_session(fp32_paths[0])
+    kv_names = [s.name for s in contract.kv]
+    for video in videos:
+        progress(f"reading calibration frames of {video.name}")
+        frames = cached_frames(video, cfg.size)
+        if len(frames) < 3:
+            raise GemxError(f"--calib {video}: {len(frames)} frames; calibration needs at least 3 per video")
+        picks = np.linspace(0, len(frames) - 1, per_video + 2).round().astype(int)
+        refs_hr = to_tensor(np.asarray(frames[picks[:2]])).numpy()
+        targets = downsample(to_tensor(np.asarray(frames[picks[2:]])), cfg.scale).numpy()
+        for i, target in enumerate(targets):
+            refs = refs_hr[: 1 + i % 2]
+            if i < 2:
+                encoder_feeds.append({"references": refs})
+            kv = encoder.run(kv_names, {"references": refs})
+            frame_feeds.append({"target_lr": target[None], **dict(zip(kv_names, kv, strict=True))})
+    graphs = {}
+    for spec, path, feeds in zip(contract.graphs, fp32_paths, (encoder_feeds, frame_feeds), strict=True):
+        progress(f"calibrating {spec.name} on {len(feeds)} samples")
+        graphs[spec.name] = _calibrated_ranges(path, feeds)
+    source = f"{len(videos)} video{'s' if len(videos) > 1 else ''}: {', '.join(v.name for v in videos)}"
+    return RangeTable(checkpoint_sha256, cfg.block_size, source, len(frame_feeds), graphs)
+
+
+def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path) -> onnx.ModelProto:
+    """The QDQ INT8 graph of one (constant-folded) FP32 graph from its calibrated ranges."""
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    with tempfile.TemporaryDirectory(prefix="gemx-int8-") as tmp:
+        cache = Path(tmp) / "ranges.json"
+        table = {t: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for t, (lo, hi) in ranges.items()}
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, table), cache)
+        quantized = Path(tmp) / "int8.onnx"
+        try:
+            quantize_static(str(fp32_path), str(quantized), None, calibration_cache_path=cache, **_quant_args(fp32_path))
+        except KeyError as e:
+            raise GemxError(f"the INT8 range table has no range for tensor {e} of {fp32_path.name} (made for another "
+                            "gemx or torch version?); calibrate again with --calib VIDEO|DIR") from None
+        proto = onnx.load(str(quantized))
+    _check_qdq(proto, fp32_path.name)
+    atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)))
+    return proto
+
+
+def fold_constants(src: Path, out: Path) -> None:
+    """Constant folding (ONNX Runtime's basic level, standard ONNX ops only): weight slices become plain
+    initializers, so every convolution gets constant, per-channel quantizable weights."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
+
+
+def fp32_convs(proto: onnx.ModelProto) -> list[str]:
+    """Convolutions kept in FP32: those that read or write RGB (or fewer channels, e.g. depthwise)."""
+    weights = {i.name: i.dims for i in proto.graph.initializer}
+    return [n.name for n in proto.graph.node if n.op_type == "Conv" and n.input[1] in weights
+            and min(weights[n.input[1]][:2]) <= RGB_CHANNELS]
+
+
+def _quant_args(fp32_path: Path) -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+    return dict(quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=True,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=fp32_convs(onnx.load(str(fp32_path))),
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                               "QuantizeBias": False})  # TensorRT takes float biases; ORT's CPU build quantizes them
+
+
+def _calibrated_ranges(fp32_path: Path, feeds: list[dict]) -> dict[str, tuple[float, float]]:
+    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    class Reader:
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory(prefix="gemx-calib-") as tmp:
+        cache = Path(tmp) / "ranges.json"
+        quantize_static(str(fp32_path), str(Path(tmp) / "int8.onnx"), Reader(), calibration_cache_path=cache,
+                        **_quant_args(fp32_path))
+        data = load_tensors_data(cache).data
+    return {t: (float(np.asarray(d.range_value[0]).item()), float(np.asarray(d.range_value[1]).item())) for t, d in data.items()}
+
+
+def _check_qdq(proto: onnx.ModelProto, name: str) -> None:
+    """What TensorRT's explicit quantization requires: int8 Q/DQ with zero points 0."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
+            zp = onnx.numpy_helper.to_array(inits[node.input[2]])
+            if zp.dtype != np.int8 or zp.any():
+                raise GemxError(f"{name}: {node.name} has a non-zero or non-int8 zero point; not TensorRT's QDQ form")
+
+
+def calibration_frames_needed(checkpoint: Path) -> GemxError:
+    return GemxError(f"INT8 needs calibration frames for {Path(checkpoint).name}: pass --calib VIDEO|DIR "
+                     "(real talking-head video of the kind you will serve)")
