@@ -49,7 +49,7 @@ def export(
     fp16: Annotated[bool, typer.Option("--fp16", help="also write mixed-precision FP16 graphs (softmax and logits in FP32)")] = False,
     simplify: Annotated[bool, typer.Option("--simplify", help="simplify graphs with onnxslim, parity re-checked")] = False,
     frames: Annotated[Path | None, typer.Option(help="video to check parity on (default: synthetic frames)")] = None,
-    int8: Annotated[bool, typer.Option("--int8", help="also write INT8 QDQ graphs (TensorRT explicit quantization, ONNX Runtime CPU)")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="also write INT8 QDQ graphs (for TensorRT and ONNX Runtime CPU)")] = False,
     calib: Annotated[list[Path] | None, typer.Option(help="INT8 calibration video or folder of videos (repeatable); "
                                                          "the shipped checkpoint has its ranges built in")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing export directory")] = False,
@@ -102,6 +102,7 @@ def render_export(result) -> None:
 def build(
     export_dir: Annotated[Path, typer.Argument(help="directory written by `gemx export`")],
     fp16: Annotated[bool, typer.Option("--fp16", help="FP16 TensorRT engines (needs an NVIDIA GPU and TensorRT)")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="INT8 from the export's QDQ graphs: TensorRT engines, or ORT CPU graphs")] = False,
     refs_min: Annotated[int, typer.Option(help="smallest reference count of the engine profile")] = 1,
     refs_opt: Annotated[int, typer.Option(help="reference count TensorRT tunes for")] = 5,
     refs_max: Annotated[int | None, typer.Option(help="largest reference count (default: the export's max)")] = None,
@@ -113,11 +114,12 @@ def build(
     from gemx.runtimes.build import BuildOptions
     from gemx.runtimes.build import build as run_build
 
-    opts = BuildOptions(fp16, refs_min, refs_opt, refs_max, timing_cache, force, frames)
+    opts = BuildOptions(fp16, int8, refs_min, refs_opt, refs_max, timing_cache, force, frames)
     with console.status("building") as status:
         result = run_build(export_dir, opts, progress=lambda msg: status.update(msg))
     if result.target == "ort-cpu":
-        console.print("no NVIDIA GPU/TensorRT here: wrote [bold]ONNX Runtime-optimized graphs for the CPU provider[/]")
+        console.print(f"no NVIDIA GPU/TensorRT here: wrote [bold]ONNX Runtime-optimized {result.record['precision']} graphs "
+                      "for the CPU provider[/]")
     acc = result.accuracy
     console.print(f"wrote [bold]{lit(result.path)}[/]; accuracy vs FP32 ONNX on {acc['frames']} frames of {lit(acc['source'])} "
                   f"at {acc['refs']} refs: PSNR {acc['psnr_db']:.1f} dB, max abs error {acc['max_abs_error']:.2e}")

@@ -17,9 +17,12 @@ def profile(
     refs: Annotated[str, typer.Option(help="reference counts to measure")] = "1,2,5,10",
     block_sizes: Annotated[str | None, typer.Option(help="attention block sizes (default: the checkpoint's and twice it)")] = None,
     runtime: Annotated[str, typer.Option(help="runtimes: torch, ort, torch-cuda, ort-cuda, ort-tensorrt, tensorrt, auto")] = "torch,ort",
-    precision: Annotated[str, typer.Option(help="precisions to sweep: fp32, fp16 (GPU runtimes); each row gets its PSNR vs FP32")] = "fp32",
+    precision: Annotated[str, typer.Option(help="precisions to sweep: fp32, int8 (ort, tensorrt), fp16 (GPU runtimes); "
+                                                "each row gets its PSNR vs FP32")] = "fp32",
     fp16: Annotated[bool, typer.Option("--fp16", help="shorthand for --precision fp16")] = False,
     frames: Annotated[Path | None, typer.Option(help="video to take references and targets from; adds PSNR vs its HR frames")] = None,
+    calib: Annotated[list[Path] | None, typer.Option(help="INT8 calibration video or folder (repeatable; the shipped "
+                                                         "checkpoint needs none)")] = None,
     warmup: Annotated[int, typer.Option(help="untimed calls before timing")] = 3,
     iters: Annotated[int, typer.Option(help="timed per-frame calls")] = 20,
     seconds: Annotated[float | None, typer.Option(help="time each measurement for this long instead of --iters")] = None,
@@ -44,7 +47,7 @@ def profile(
     opts = ProfileOptions(_int_list(refs, "--refs"), _int_list(block_sizes, "--block-sizes") if block_sizes else None,
                           [r.strip() for r in runtime.split(",") if r.strip()],
                           ["fp16"] if fp16 else [p.strip() for p in precision.split(",") if p.strip()], warmup, iters, seconds,
-                          threads, cache_dir, naive, ops, frames)
+                          threads, cache_dir, naive, ops, frames, list(calib or []))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("preparing", total=None)
         result = run_profile(source, opts, progress=lambda msg, advance=0: bar.update(task, description=msg, advance=advance),

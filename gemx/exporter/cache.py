@@ -18,11 +18,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("GEMX_CACHE", Path.home() / ".cache" / "gemx")) / "exports"
 
 
-def cached_export(ckpt: Checkpoint, block_size: int, max_refs: int, fp16: bool = False, cache_dir: Path | None = None,
-                  progress=lambda msg: None) -> tuple[Path, bool]:
-    """(export directory, whether it was created now) for this checkpoint at this block size."""
+def cached_export(ckpt: Checkpoint, block_size: int, max_refs: int, precisions: list[str] = ("fp32",),
+                  calib: list[Path] = (), cache_dir: Path | None = None, progress=lambda msg: None) -> tuple[Path, bool]:
+    """(export directory, whether it was created now) for this checkpoint at this block size and precisions.
+    INT8 exports calibrated on named videos are keyed by those videos too."""
     digest = hashlib.sha256(ckpt.path.read_bytes()).hexdigest()[:12]
-    out = (cache_dir or default_cache_dir()) / f"{ckpt.path.stem}-{digest}-b{block_size}-r{max_refs}{'-fp16' if fp16 else ''}"
+    fp16, int8 = "fp16" in precisions, "int8" in precisions
+    extra = "-fp16" * fp16 + "-int8" * int8
+    if int8 and calib:
+        extra += "-" + hashlib.sha256("|".join(str(Path(c).resolve()) for c in calib).encode()).hexdigest()[:8]
+    out = (cache_dir or default_cache_dir()) / f"{ckpt.path.stem}-{digest}-b{block_size}-r{max_refs}{extra}"
     if out.exists():
         try:
             read_export_dir(out)  # verified like any export: a damaged cache entry is made again
@@ -31,5 +36,6 @@ def cached_export(ckpt: Checkpoint, block_size: int, max_refs: int, fp16: bool =
             progress(f"re-exporting: the cached export was damaged ({e})")
             shutil.rmtree(out)  # gemx's own cache entry, named by the checkpoint's hash
     progress(f"exporting block size {block_size} (cached for next time in {out.parent})")
-    export(ckpt.path, ExportOptions(out=out, block_size=block_size, max_refs=max(max_refs, 2), fp16=fp16, force=True))
+    export(ckpt.path, ExportOptions(out=out, block_size=block_size, max_refs=max(max_refs, 2), fp16=fp16, force=True,
+                                    int8=int8, calib=list(calib) if int8 else []))
     return out, True

@@ -20,7 +20,6 @@ from gemx.exporter.contract import Contract
 from gemx.exporter.graphs import FrameGraph, ReferenceEncoderGraph
 from gemx.exporter.manifest import graph_entry, is_export, new_manifest, sha256, write_manifest
 from gemx.exporter.onnx_export import DEFAULT_OPSET, check_opset, export_graph, strip_build_metadata
-from gemx.exporter.trt_check import TrtReport, check_tensorrt_compat
 from gemx.exporter.quantize import (
     METHOD,
     RANGES_FILE,
@@ -34,6 +33,7 @@ from gemx.exporter.quantize import (
     quantize,
     shipped_ranges_path,
 )
+from gemx.exporter.trt_check import TrtReport, check_tensorrt_compat
 from gemx.exporter.validate import FP32_TOLERANCE, INT8_PSNR_GOAL, ParityRow, check_parity
 from gemx.frames import sample_frames
 from gemx.fs import atomic_dir, atomic_write, check_target

@@ -33,7 +33,7 @@ class OpBreakdown:
         return sum(self.ms_per_frame.get(op, 0.0) for op in LAYOUT_OPS) / max(self.total_ms, 1e-12)
 
 
-def frame_op_breakdown(graph: Path, feeds: dict[str, np.ndarray], runs: int = 10, warmup: int = 2,
+def frame_op_breakdown(graph: Path | bytes, feeds: dict[str, np.ndarray], runs: int = 10, warmup: int = 2,
                        threads: int | None = None) -> OpBreakdown:
     """Kernel time per frame by op type of the frame graph at `graph`, fed `feeds`, over `runs` timed calls."""
     import onnxruntime as ort
@@ -45,7 +45,7 @@ def frame_op_breakdown(graph: Path, feeds: dict[str, np.ndarray], runs: int = 10
             opts.intra_op_num_threads = threads
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "frame")
-        session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), opts, providers=["CPUExecutionProvider"])
         for _ in range(warmup + runs):
             session.run(None, feeds)
         trace = json.loads(Path(session.end_profiling()).read_text())

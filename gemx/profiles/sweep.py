@@ -17,7 +17,7 @@ import torch
 
 from gemx.errors import GemxError, check_positive
 from gemx.exporter.cache import cached_export
-from gemx.exporter.contract import PRECISIONS
+from gemx.exporter.contract import PRECISIONS as GRAPH_PRECISIONS
 from gemx.exporter.export import with_block_size
 from gemx.exporter.manifest import read_export_dir
 from gemx.exporter.validate import psnr_db
@@ -27,7 +27,7 @@ from gemx.model.lr import downsample
 from gemx.profiles.flops import graph_cost
 from gemx.profiles.machine import machine_info
 from gemx.profiles.measure import device_memory_used, peak_rss_delta, release_freed_memory, rss_now, time_calls
-from gemx.runtimes.registry import open_session, resolve_runtime
+from gemx.runtimes.registry import PRECISIONS, open_session, resolve_runtime
 
 
 @dataclass
@@ -35,7 +35,7 @@ class ProfileOptions:
     refs: list[int] = field(default_factory=lambda: [1, 2, 5, 10])
     block_sizes: list[int] | None = None  # default: the checkpoint's and twice it
     runtimes: list[str] = field(default_factory=lambda: ["torch", "ort"])
-    precisions: list[str] = field(default_factory=lambda: ["fp32"])  # a sweep axis: fp32, fp16 (GPU runtimes)
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])  # a sweep axis: fp32, int8, fp16 (GPU runtimes)
     warmup: int = 3
     iters: int = 20
     seconds: float | None = None
@@ -44,10 +44,7 @@ class ProfileOptions:
     naive: bool = True
     ops: bool = False  # also break ORT CPU per-frame kernel time down by op type
     frames: Path | None = None  # a video: references and targets from it, and quality against its HR frames
-
-    @property
-    def fp16(self) -> bool:
-        return "fp16" in self.precisions
+    calib: list[Path] = field(default_factory=list)  # INT8 calibration videos (the shipped checkpoint needs none)
 
     def __post_init__(self) -> None:
         check_positive(iters=self.iters, threads=self.threads)
@@ -56,9 +53,9 @@ class ProfileOptions:
         for name, values in (("refs", self.refs), ("block_sizes", self.block_sizes or [])):
             for value in values:
                 check_positive(**{name: value})
-        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        unknown = [p for p in self.precisions if p not in GRAPH_PRECISIONS]
         if unknown or not self.precisions:
-            raise GemxError(f"--precision takes {', '.join(PRECISIONS)}, got {', '.join(self.precisions) or 'nothing'}")
+            raise GemxError(f"--precision takes {', '.join(GRAPH_PRECISIONS)}, got {', '.join(self.precisions) or 'nothing'}")
         if self.warmup < 0 or (self.seconds is not None and not self.seconds > 0):
             raise GemxError(f"--warmup must be 0 or more and --seconds positive, got {self.warmup} and {self.seconds}")
 
@@ -110,10 +107,10 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
         torch.set_num_threads(opts.threads)
     max_refs = max(opts.refs)
     result = ProfileResult([], machine_info(opts.threads), str(source or "shipped default checkpoint"))
-    combos = [(rt, p) for rt in runtimes for p in opts.precisions if p == "fp32" or rt not in CPU_ONLY_FP32]
+    combos = [(rt, p) for rt in runtimes for p in opts.precisions if p in PRECISIONS[rt]]
     if not combos:
-        raise GemxError(f"no runtime here runs {', '.join(opts.precisions)}; FP16 needs a GPU runtime (torch-cuda, ort-cuda, "
-                        "ort-tensorrt, tensorrt)")
+        asked = ", ".join(f"{p} ({'/'.join(r for r in PRECISIONS if p in PRECISIONS[r])})" for p in opts.precisions)
+        raise GemxError(f"none of --runtime {', '.join(runtimes)} runs --precision {asked}")
     on_total(len(exports) * len(opts.refs) * (len(combos) + opts.naive))
     try:
         for block, path in exports.items():
@@ -162,7 +159,6 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
 
 
 EXACT_DB = 200.0  # PSNR at or above this is the same frame to float32 rounding (stored capped: JSON has no inf)
-CPU_ONLY_FP32 = ("torch", "ort")  # CPU runtimes compute in FP32 (ORT's CPU provider upcasts FP16 graphs)
 
 
 def _fp32_frames(export_path: Path, model, frames: torch.Tensor, target: np.ndarray, refs_list: list[int]) -> dict[int, np.ndarray]:
@@ -238,7 +234,7 @@ def _exports_for(source: Path | None, opts: ProfileOptions, progress) -> tuple[d
     exports = {}
     for block in opts.block_sizes or default_block_sizes(cfg.block_size, cfg.level_sizes[-1]):
         with_block_size(ckpt.model, block)  # a block size that does not fit fails here, before any export
-        exports[block], fresh = cached_export(ckpt, block, max(opts.refs), opts.fp16, opts.cache_dir, progress)
+        exports[block], fresh = cached_export(ckpt, block, max(opts.refs), opts.precisions, opts.calib, opts.cache_dir, progress)
         if fresh:
             _build_for_machine(exports[block], opts, progress)
     return exports, ckpt.model
@@ -252,5 +248,9 @@ def _build_for_machine(out: Path, opts: ProfileOptions, progress) -> None:
     has_trt = runtime_available("tensorrt")[0]
     if has_trt and "tensorrt" not in opts.runtimes:
         return
-    progress("building")
-    build(out, BuildOptions(fp16=opts.fp16 and has_trt, refs_max=max(max(opts.refs), 2), refs_opt=min(5, max(opts.refs)), force=True))
+    for precision in dict.fromkeys(["fp32", *opts.precisions]):
+        if precision == "fp16" and not has_trt:
+            continue  # the CPU build has no FP16
+        progress(f"building {precision}")
+        build(out, BuildOptions(fp16=precision == "fp16", int8=precision == "int8", refs_max=max(max(opts.refs), 2),
+                                refs_opt=min(5, max(opts.refs)), force=True))

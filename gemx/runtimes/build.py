@@ -3,7 +3,9 @@
 With an NVIDIA GPU and TensorRT: one engine per graph with an optimization profile over the refs
 axis, a reusable timing cache, and a record of what it was built for. TensorRT 10 builds FP16 from
 the FP32 graph with its (deprecated) FP16 flag; TensorRT 11 networks are strongly typed, so FP16 comes
-from the export's mixed-precision graph. Without a GPU: ORT-optimized graphs for the CPU provider.
+from the export's mixed-precision graph. INT8 always comes from the export's QDQ graphs (explicit
+quantization; TensorRT 10 also wants its INT8 flag for them, without a calibrator).
+Without a GPU: ORT-optimized graphs for the CPU provider (INT8: first prepared for its x86 kernels).
 Every build ends with an accuracy gate against the FP32 ONNX graphs on real frames.
 """
 
@@ -24,12 +26,15 @@ from gemx.model.lr import downsample
 from gemx.runtimes.build_record import RECORD, engine_dir, is_build, write_record
 from gemx.runtimes.gpu import detect_gpu, tensorrt_version
 
-ORT_CPU_DIR = "ort_cpu"
+
+def ort_cpu_dir(precision: str) -> str:
+    return "ort_cpu" if precision == "fp32" else f"ort_cpu_{precision}"
 
 
 @dataclass
 class BuildOptions:
     fp16: bool = False
+    int8: bool = False
     refs_min: int = 1
     refs_opt: int = 5
     refs_max: int | None = None  # default: the export's max
@@ -39,6 +44,12 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         check_positive(refs_min=self.refs_min, refs_opt=self.refs_opt, refs_max=self.refs_max)
+        if self.fp16 and self.int8:
+            raise GemxError("a build has one precision: pass --fp16 or --int8, not both")
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "int8" if self.int8 else "fp32"
 
 
 @dataclass
@@ -57,6 +68,8 @@ def build(export_path: Path, opts: BuildOptions, progress=lambda msg: None) -> B
     if refs_max > export.max_refs:
         raise GemxError(f"--refs-max {refs_max} exceeds the {export.max_refs} references the export was validated for; "
                         f"re-export with --max-refs {refs_max}")
+    if opts.int8 and "int8" not in export.precisions:
+        raise GemxError(f"{export.path} has no INT8 graphs; re-export with `gemx export --int8 --force` first")
     gpu, gpu_why = detect_gpu()
     trt, trt_why = tensorrt_version()
     if gpu is not None and trt is not None:
@@ -78,31 +91,37 @@ def _claim(out: Path, force: bool) -> None:
 def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResult:
     import onnxruntime as ort
 
-    out = export.path / ORT_CPU_DIR
+    from gemx.runtimes.ort_int8 import ort_cpu_graph
+
+    precision = opts.precision
+    out = export.path / ort_cpu_dir(precision)
     _claim(out, opts.force)
     with atomic_dir(out, replaceable=lambda p: opts.force and is_build(p)) as tmp:
         graphs = {}
         for graph in ("reference_encoder", "frame"):
-            progress(f"optimizing {graph} for the CPU provider")
+            progress(f"optimizing {graph} ({precision}) for the CPU provider")
             so = ort.SessionOptions()
             # EXTENDED, not ALL: ALL bakes in layouts tuned to this CPU's instruction set.
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
             so.optimized_model_filepath = str(tmp / f"{graph}.onnx")
             so.log_severity_level = 3
-            ort.InferenceSession(str(export.graph_path(graph)), so, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(ort_cpu_graph(export.graph_path(graph, precision), precision), so,
+                                 providers=["CPUExecutionProvider"])
             graphs[graph] = f"{graph}.onnx"
         record = {
-            "target": "ort-cpu", "onnxruntime_version": ort.__version__, "precision": "fp32",
+            "target": "ort-cpu", "onnxruntime_version": ort.__version__, "precision": precision,
             "cpu": platform.processor() or platform.machine(), "graphs": graphs,
-            "onnx_sha256": {g: sha256(export.graph_path(g)) for g in graphs},
+            "onnx_sha256": {g: sha256(export.graph_path(g, precision)) for g in graphs},
             "optimization_level": "extended",
         }
+        if precision == "int8":
+            record["prepared"] = "uint8 activations, int32 biases for ONNX Runtime's x86 kernels (gemx.runtimes.ort_int8)"
         write_record(tmp, record)
     result = BuildResult("ort-cpu", out, record)
     progress("accuracy gate")
     from gemx.runtimes.ort_session import OrtSession
 
-    optimized = OrtSession(export, graphs={g: out / f for g, f in graphs.items()})
+    optimized = OrtSession(export, precision=precision, graphs={g: out / f for g, f in graphs.items()})
     result.accuracy = accuracy_gate(export, optimized, opts.refs_opt, opts.frames)
     _update_record(out, record, result.accuracy)
     return result
@@ -112,12 +131,13 @@ def build_tensorrt(export: ExportDir, opts: BuildOptions, refs_max: int, progres
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
-    precision = "fp16" if opts.fp16 else "fp32"
+    precision = opts.precision
     strongly_typed = int(trt.__version__.split(".")[0]) >= 11
     if opts.fp16 and strongly_typed and "fp16" not in export.precisions:
         raise GemxError(f"TensorRT {trt.__version__} builds FP16 only from a mixed-precision graph; "
                         f"re-export with `gemx export --fp16 --force` first")
-    contract_precision = "fp16" if opts.fp16 and strongly_typed else "fp32"
+    # the graph that carries the precision: FP16 from TensorRT 11 on, INT8 (QDQ) always
+    contract_precision = precision if precision == "int8" or (opts.fp16 and strongly_typed) else "fp32"
     contract = export.contract(contract_precision)
     out = export.path / engine_dir(precision)
     _claim(out, opts.force)
@@ -130,7 +150,7 @@ def build_tensorrt(export: ExportDir, opts: BuildOptions, refs_max: int, progres
             for s in spec.inputs:
                 profile.add(s.name, min=s.concrete(opts.refs_min), opt=s.concrete(opts.refs_opt), max=s.concrete(refs_max))
             network = NetworkFromOnnxPath(str(export.graph_path(spec.name, contract_precision)), strongly_typed=strongly_typed)
-            config = CreateConfig(fp16=opts.fp16 and not strongly_typed, profiles=[profile],
+            config = CreateConfig(fp16=opts.fp16 and not strongly_typed, int8=opts.int8 and not strongly_typed, profiles=[profile],
                                   load_timing_cache=str(cache) if Path(cache).exists() else None)
             data = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache))()
             engines[spec.name] = f"{spec.name}.engine"

@@ -12,6 +12,8 @@ Weights stay int8 per channel. Nothing else changes; the result is checked again
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -61,3 +63,10 @@ def prepare_for_ort_cpu(proto: onnx.ModelProto) -> onnx.ModelProto:
         g.node.insert(list(g.node).index(conv), dq)
         conv.input[2] = dq.output[0]
     return proto
+
+
+def ort_cpu_graph(path: Path, precision: str) -> str | bytes:
+    """What ONNX Runtime's CPU provider loads for an export graph: its path, or the prepared INT8 graph's bytes."""
+    if precision != "int8":
+        return str(path)
+    return prepare_for_ort_cpu(onnx.load(str(path))).SerializeToString()

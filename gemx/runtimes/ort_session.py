@@ -40,7 +40,7 @@ def _providers(provider: str, graph: GraphSpec, cache: Path, refs_opt: int, refs
 
 class OrtSession(Session):
     def __init__(self, export: ExportDir, provider: str = "cpu", precision: str = "fp32", threads: int | None = None,
-                 refs_opt: int = 5, graphs: dict[str, Path] | None = None):
+                 refs_opt: int = 5, graphs: dict[str, Path | str | bytes] | None = None):
         import onnxruntime as ort
 
         super().__init__(export.contract(precision), export.max_refs)
@@ -54,10 +54,10 @@ class OrtSession(Session):
         if threads:
             opts.intra_op_num_threads = threads
         graphs = graphs or {g: export.graph_path(g, precision) for g in ("reference_encoder", "frame")}
-        self.frame_graph = Path(graphs["frame"])  # what runs per frame (for op-level profiling)
+        self.frame_graph = graphs["frame"]  # what runs per frame (a path or a serialized graph, for op-level profiling)
         cache = export.path / "ort_trt_cache"
         self.encoder, self.frame = (
-            ort.InferenceSession(str(graphs[spec.name]), opts,
+            ort.InferenceSession(graphs[spec.name] if isinstance(graphs[spec.name], bytes) else str(graphs[spec.name]), opts,
                                  providers=_providers(provider, spec, cache, refs_opt, export.max_refs))
             for spec in self.contract.graphs
         )

@@ -9,6 +9,16 @@ from gemx.runtimes.base import Session
 
 RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda", "ort-tensorrt", "tensorrt")
 FASTEST_FIRST = ("tensorrt", "ort-tensorrt", "ort-cuda", "torch-cuda", "ort", "torch")
+# What each runtime computes in: ORT's CPU provider upcasts FP16 graphs (so no fp16 there) and runs
+# INT8 QDQ graphs with its int8 kernels; TensorRT builds INT8 engines from the same QDQ graphs.
+PRECISIONS = {"torch": ("fp32",), "ort": ("fp32", "int8"), "torch-cuda": ("fp32", "fp16"), "ort-cuda": ("fp32", "fp16"),
+              "ort-tensorrt": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16", "int8")}
+
+
+def check_precision(runtime: str, precision: str) -> None:
+    if precision not in PRECISIONS[runtime]:
+        which = [r for r in RUNTIMES if precision in PRECISIONS[r]]
+        raise GemxError(f"the {runtime} runtime does not run {precision}; {precision} runs on {', '.join(which) or 'no runtime'}")
 
 
 def runtime_available(runtime: str) -> tuple[bool, str]:
@@ -51,6 +61,7 @@ def open_session(runtime: str, export_path: Path, precision: str = "fp32", threa
     from gemx.exporter.manifest import read_export_dir
 
     runtime = resolve_runtime(runtime)
+    check_precision(runtime, precision)
     export = read_export_dir(export_path)
     if runtime == "torch":
         import torch
@@ -76,25 +87,29 @@ def open_session(runtime: str, export_path: Path, precision: str = "fp32", threa
 
     provider = {"ort": "cpu", "ort-cuda": "cuda", "ort-tensorrt": "tensorrt"}[runtime]
     graphs = None
-    if provider == "cpu" and precision == "fp32":
-        graphs = _ort_cpu_build(export)
+    if provider == "cpu" and precision != "fp16":
+        graphs = _ort_cpu_build(export, precision)
+        if graphs is None and precision == "int8":  # not built: prepared now, in memory
+            from gemx.runtimes.ort_int8 import ort_cpu_graph
+
+            graphs = {g: ort_cpu_graph(export.graph_path(g, precision), precision) for g in ("reference_encoder", "frame")}
     return OrtSession(export, provider, precision, threads, graphs=graphs)
 
 
-def _ort_cpu_build(export) -> dict[str, Path] | None:
+def _ort_cpu_build(export, precision: str) -> dict[str, Path] | None:
     """The ORT-optimized CPU graphs from `gemx build`, when present and built from these exact graphs.
 
     The export's files were just verified against the manifest's sha256, so the manifest is the reference;
     the optimized graphs are verified against their build record.
     """
-    from gemx.runtimes.build import ORT_CPU_DIR
+    from gemx.runtimes.build import ort_cpu_dir
     from gemx.runtimes.build_record import RECORD, read_record
 
-    path = export.path / ORT_CPU_DIR
-    if not (path / RECORD).exists():
+    path = export.path / ort_cpu_dir(precision)
+    if precision not in export.precisions or not (path / RECORD).exists():
         return None
     record = read_record(path, export)
-    built_from = export.manifest["precisions"]["fp32"]["graphs"]
+    built_from = export.manifest["precisions"][precision]["graphs"]
     if any(built_from[g]["sha256"] != sha for g, sha in record["onnx_sha256"].items()):
         return None
     return {g: path / f for g, f in record["graphs"].items()}

@@ -25,6 +25,7 @@ from gemx.errors import GemxError, check_positive
 from gemx.exporter.contract import Contract, TensorSpec
 from gemx.exporter.manifest import MANIFEST, ExportDir, read_export_dir, sha256
 from gemx.fs import atomic_dir, check_target, json_field
+from gemx.runtimes.registry import check_precision
 
 MODEL_NAME = "gemx"
 FORMAT = "gemx-triton"
@@ -185,7 +186,7 @@ def _model_config_pb2():
 
 
 def _contract_precision(opts: TritonOptions) -> str:
-    return "fp16" if opts.precision == "fp16" else "fp32"
+    return "fp16" if opts.precision == "fp16" else "fp32"  # INT8 graphs take and give float32, like FP32
 
 
 def _check_options(export: ExportDir, opts: TritonOptions) -> None:
@@ -193,8 +194,7 @@ def _check_options(export: ExportDir, opts: TritonOptions) -> None:
         raise GemxError(f"unknown serving runtime {opts.runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if opts.precision not in export.precisions:
         raise GemxError(f"{export.path} has no {opts.precision} graphs; re-export with `gemx export --{opts.precision}`")
-    if opts.precision == "fp16" and opts.runtime == "ort":
-        raise GemxError("FP16 serving needs a GPU runtime (ort-cuda, ort-tensorrt or tensorrt); ORT's CPU provider computes FP32")
+    check_precision(opts.runtime, opts.precision)
     if opts.max_refs is not None and not 1 <= opts.max_refs <= export.max_refs:
         raise GemxError(f"--max-refs must be between 1 and the export's {export.max_refs}, got {opts.max_refs}")
     check_positive(max_streams=opts.max_streams, instances=opts.instances, threads=opts.threads)
