@@ -144,9 +144,9 @@ def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path)
         quantized = Path(tmp) / "int8.onnx"
         try:
             quantize_static(str(fp32_path), str(quantized), None, calibration_cache_path=cache, **_quant_args(fp32_path))
-        except KeyError as e:
-            raise GemxError(f"the INT8 range table has no range for tensor {e} of {fp32_path.name} (made for another "
-                            "gemx or torch version?); calibrate again with --calib VIDEO|DIR") from None
+        except (KeyError, ValueError) as e:  # ORT: a tensor to quantize without calibrated parameters
+            raise GemxError(f"the INT8 range table has no range for a tensor of {fp32_path.name} ({str(e).splitlines()[0]}; "
+                            "made for another gemx or torch version?); calibrate again with --calib VIDEO|DIR") from None
         proto = onnx.load(str(quantized))
     _check_qdq(proto, fp32_path.name)
     atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)))

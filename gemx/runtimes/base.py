@@ -110,3 +110,22 @@ class Session(ABC):
 
 def missing_backend(what: str, extra: str = "gpu") -> GemxError:
     return GemxError(f"{what}; install it with: pip install 'gemx[{extra}]'" if extra else what)
+
+
+class SessionModel:
+    """A session seen through the PyTorch model's split interface (`encode_references`, `attend_and_decode`), so
+    code written for the model, such as `gemx eval`'s quality table, measures a deployed graph unchanged."""
+
+    def __init__(self, session: Session, config):
+        self.session, self.config = session, config
+
+    def encode_references(self, refs_hr):
+        import torch
+
+        refs = refs_hr[0] if refs_hr.dim() == 5 else refs_hr
+        return self.session.encode(refs.to(torch.float32).numpy())
+
+    def attend_and_decode(self, target_lr, cache):
+        import torch
+
+        return torch.from_numpy(self.session.decode(target_lr.to(torch.float32).numpy(), cache))

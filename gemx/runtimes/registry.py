@@ -113,3 +113,23 @@ def _ort_cpu_build(export, precision: str) -> dict[str, Path] | None:
     if any(built_from[g]["sha256"] != sha for g, sha in record["onnx_sha256"].items()):
         return None
     return {g: path / f for g, f in record["graphs"].items()}
+
+
+def deployed_models(checkpoints: list, runtime: str, precisions: list[str], progress=lambda msg: None) -> dict:
+    """{"NAME RUNTIME PRECISION": model-like} for each checkpoint's exported graphs (exports cached per checkpoint),
+    for code written against the PyTorch model's split interface. SISR baselines stay PyTorch models."""
+    from gemx.exporter.cache import cached_export
+    from gemx.runtimes.base import SessionModel
+
+    runtime = resolve_runtime(runtime)
+    for p in precisions:
+        check_precision(runtime, p)
+    models = {}
+    for ckpt in checkpoints:
+        if ckpt.config.arch == "sisr":
+            models[ckpt.path.stem] = ckpt.model
+            continue
+        path, _ = cached_export(ckpt, ckpt.config.block_size, 10, precisions, progress=progress)
+        for p in precisions:
+            models[f"{ckpt.path.stem} {runtime} {p}"] = SessionModel(open_session(runtime, path, p, model=ckpt.model), ckpt.config)
+    return models

@@ -1,0 +1,183 @@
+"""INT8: the QDQ graphs' form, the range tables, calibration errors, the ORT CPU preparation, and quality."""
+
+import json
+import shutil
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from gemx import GemxError
+from gemx.cli import app
+from gemx.exporter.export import ExportOptions, export
+from gemx.exporter.manifest import read_export_dir, sha256
+from gemx.exporter.quantize import RANGES_FILE, load_ranges, shipped_ranges_path
+from gemx.exporter.validate import INT8_PSNR_GOAL, psnr_db
+from gemx.runtimes.build import BuildOptions, build
+from gemx.runtimes.ort_int8 import prepare_for_ort_cpu
+from gemx.runtimes.registry import open_session
+from tests.conftest import frames, videos_or_skip
+
+CALIB = "retalk5_woman_glasses.mp4"
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory):
+    """A tiny checkpoint exported with --int8, calibrated on one real video."""
+    import torch
+
+    from gemx.model import build_model, preset, save_checkpoint
+
+    video = videos_or_skip() / CALIB
+    torch.manual_seed(1)
+    root = tmp_path_factory.mktemp("int8")
+    save_checkpoint(root / "tiny.pt", build_model(preset("tiny")))
+    result = export(root / "tiny.pt", ExportOptions(out=root / "tiny.export", max_refs=5, int8=True, calib=[video]))
+    return root, result
+
+
+def _initializers(proto):
+    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+
+
+def test_int8_graphs_are_tensorrt_qdq(int8_export):
+    """Zero points 0 (int8), per-channel weight scales on the output-channel axis, RGB convolutions in FP32."""
+    _, result = int8_export
+    export_dir = read_export_dir(result.path)
+    for graph in ("reference_encoder", "frame"):
+        proto = onnx.load(str(export_dir.graph_path(graph, "int8")))
+        inits = _initializers(proto)
+        producer = {o: n for n in proto.graph.node for o in n.output}
+        qdq = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        assert qdq
+        for n in qdq:
+            zero = inits[n.input[2]]
+            assert zero.dtype == np.int8 and not zero.any(), n.name
+        quantized = rgb = 0
+        for conv in (n for n in proto.graph.node if n.op_type == "Conv"):
+            if conv.input[1] in inits:  # a float weight: kept FP32, only where the conv reads or writes RGB
+                assert min(inits[conv.input[1]].shape[:2]) <= 3, conv.name
+                rgb += 1
+                continue
+            dq = producer[conv.input[1]]
+            weight, scale = inits[dq.input[0]], inits[dq.input[1]]
+            assert dq.op_type == "DequantizeLinear" and weight.dtype == np.int8
+            assert scale.shape == (weight.shape[0],)  # one scale per output channel
+            assert {a.name: a.i for a in dq.attribute}.get("axis", 1) == 0
+            assert len(conv.input) < 3 or conv.input[2] in inits  # float bias (TensorRT's form)
+            quantized += 1
+        assert quantized > rgb > 0
+
+
+def test_manifest_records_method_source_and_accuracy(int8_export):
+    _, result = int8_export
+    entry = read_export_dir(result.path).manifest["precisions"]["int8"]
+    q = entry["quantization"]
+    assert q["method"] == "ptq-minmax" and CALIB in q["calibration"]["source"] and not q["calibration"]["shipped"]
+    assert q["calibration"]["table_sha256"] == sha256(result.path / RANGES_FILE)
+    assert entry["parity_against"] == "fp32 graphs"
+    assert [r["refs"] for r in entry["parity"]] == [1, 2, 5]
+    assert all(INT8_PSNR_GOAL < r["psnr_db"] < 100 for r in entry["parity"])  # quantized, and close
+
+
+def test_a_table_beside_the_checkpoint_replaces_calibration(int8_export, tmp_path):
+    """The shipped mechanism: NAME.int8.json next to NAME.pt; same ranges, byte-identical INT8 graphs."""
+    root, result = int8_export
+    ckpt = tmp_path / "tiny.pt"
+    shutil.copy(root / "tiny.pt", ckpt)
+    with pytest.raises(GemxError, match="pass --calib VIDEO"):
+        export(ckpt, ExportOptions(out=tmp_path / "a.export", int8=True))
+    shutil.copy(result.path / RANGES_FILE, shipped_ranges_path(ckpt))
+    again = export(ckpt, ExportOptions(out=tmp_path / "b.export", max_refs=5, int8=True))
+    assert again.manifest["precisions"]["int8"]["quantization"]["calibration"]["shipped"]
+    for graph in ("reference_encoder", "frame"):
+        name = f"{graph}.int8.onnx"
+        assert (again.path / name).read_bytes() == (result.path / name).read_bytes()
+
+
+def test_range_table_is_checked(int8_export, tmp_path):
+    root, result = int8_export
+    table = result.path / RANGES_FILE
+    with pytest.raises(GemxError, match="calibrated for another checkpoint"):
+        load_ranges(table, "0" * 64)
+    d = json.loads(table.read_text())
+    d["graphs"]["frame"][next(iter(d["graphs"]["frame"]))] = [0, float("nan")]
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(GemxError, match="not a usable INT8 range table"):
+        load_ranges(tmp_path / "bad.json", sha256(root / "tiny.pt"))
+    d = json.loads(table.read_text())
+    d["graphs"]["frame"] = {}
+    ckpt = tmp_path / "tiny.pt"
+    shutil.copy(root / "tiny.pt", ckpt)
+    shipped_ranges_path(ckpt).write_text(json.dumps(d))
+    with pytest.raises(GemxError, match=r"has no range for a tensor of frame\.onnx"):
+        export(ckpt, ExportOptions(out=tmp_path / "c.export", int8=True))
+    assert not (tmp_path / "c.export").exists()
+
+
+def test_calibration_input_errors_are_one_line(int8_export, tmp_path):
+    root, _ = int8_export
+    (tmp_path / "empty").mkdir()
+    runner = CliRunner()
+    for args, message in (
+        (["--int8"], "pass --calib VIDEO|DIR"),
+        (["--int8", "--calib", str(tmp_path / "empty")], "the folder holds no videos"),
+        (["--int8", "--calib", str(tmp_path / "nope.mp4")], "does not exist"),
+        (["--calib", str(tmp_path / "empty")], "add --int8"),
+    ):
+        res = runner.invoke(app, ["export", str(root / "tiny.pt"), "--out", str(tmp_path / "x.export"), *args])
+        assert res.exit_code == 1, res.output
+        assert message in res.output and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.export").exists()
+
+
+def test_ort_preparation_fuses_every_quantized_conv(int8_export):
+    """The prepared graph runs each int8 Conv as one QLinearConv; its output stays within the INT8 budget of FP32."""
+    import onnxruntime as ort
+
+    _, result = int8_export
+    export_dir = read_export_dir(result.path)
+    proto = onnx.load(str(export_dir.graph_path("frame", "int8")))
+    quantized = sum(1 for n in proto.graph.node if n.op_type == "Conv" and n.input[1] not in _initializers(proto))
+    prepared = prepare_for_ort_cpu(proto)
+    onnx.checker.check_model(prepared)
+    for n in prepared.graph.node:  # activations uint8 (zero point 0 after a Relu, else 128), biases int32
+        if n.op_type == "QuantizeLinear":
+            assert _initializers(prepared)[n.input[2]].dtype == np.uint8
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(result.path.parent / "optimized.onnx")
+    ort.InferenceSession(prepared.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(opts.optimized_model_filepath).graph.node
+    assert Counter(n.op_type for n in optimized)["QLinearConv"] == quantized  # Relu -> Q folded, Conv -> Q fused
+
+
+def test_int8_sessions_match_fp32_and_the_cpu_build_is_used(int8_export):
+    _, result = int8_export
+    refs, target = frames(3, 64, seed=2).numpy(), frames(1, 16, seed=3).numpy()
+    outs = {}
+    for precision in ("fp32", "int8"):
+        with open_session("ort", result.path, precision) as s:
+            s.set_references(refs)
+            outs[precision] = s(target)
+    assert INT8_PSNR_GOAL < psnr_db(outs["int8"], outs["fp32"]) < 100
+    built = build(result.path, BuildOptions(int8=True, refs_opt=2, force=True))
+    assert built.record["precision"] == "int8" and built.path.name == "ort_cpu_int8"
+    assert built.accuracy["psnr_db"] > INT8_PSNR_GOAL
+    with open_session("ort", result.path, "int8") as s:
+        assert s.frame_graph == built.path / "frame.onnx"
+        s.set_references(refs)
+        np.testing.assert_allclose(s(target), outs["int8"], atol=1e-5)  # the build is the in-memory preparation, saved
+    with pytest.raises(GemxError, match="the torch runtime does not run int8"):
+        open_session("torch", result.path, "int8")
+
+
+def test_build_int8_needs_int8_graphs(tiny_export):
+    copy = tiny_export.path.parent / "no-int8.export"
+    shutil.copytree(tiny_export.path, copy, dirs_exist_ok=True)
+    with pytest.raises(GemxError, match="re-export with `gemx export --int8"):
+        build(copy, BuildOptions(int8=True))
+    with pytest.raises(GemxError, match="one precision"):
+        BuildOptions(int8=True, fp16=True)
