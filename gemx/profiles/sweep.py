@@ -101,16 +101,16 @@ def default_block_sizes(block: int, level: int) -> list[int]:
 
 def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, advance=0: None,
             on_total=lambda total: None) -> ProfileResult:
-    exports, model = _exports_for(source, opts, progress)
     runtimes = [resolve_runtime(r) for r in opts.runtimes]
+    combos = [(rt, p) for rt in runtimes for p in opts.precisions if p in PRECISIONS[rt]]
+    if not combos:  # before any export
+        asked = ", ".join(f"{p} ({'/'.join(r for r in PRECISIONS if p in PRECISIONS[r])})" for p in opts.precisions)
+        raise GemxError(f"none of --runtime {', '.join(runtimes)} runs --precision {asked}")
+    exports, model = _exports_for(source, opts, progress)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     max_refs = max(opts.refs)
     result = ProfileResult([], machine_info(opts.threads), str(source or "shipped default checkpoint"))
-    combos = [(rt, p) for rt in runtimes for p in opts.precisions if p in PRECISIONS[rt]]
-    if not combos:
-        asked = ", ".join(f"{p} ({'/'.join(r for r in PRECISIONS if p in PRECISIONS[r])})" for p in opts.precisions)
-        raise GemxError(f"none of --runtime {', '.join(runtimes)} runs --precision {asked}")
     on_total(len(exports) * len(opts.refs) * (len(combos) + opts.naive))
     try:
         for block, path in exports.items():

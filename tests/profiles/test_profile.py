@@ -157,9 +157,9 @@ def test_precision_axis_and_ground_truth_from_a_video(tiny_ckpt, tmp_path):
 
     clip = (frames(12, 64, seed=4).numpy().transpose(0, 2, 3, 1) * 255).astype("uint8")
     write_video(tmp_path / "v.mp4", iter(clip), fps=25)
-    with pytest.raises(GemxError, match="FP16 needs a GPU runtime"):
+    with pytest.raises(GemxError, match=r"none of --runtime ort runs --precision fp16 \(torch-cuda/"):
         profile(tiny_ckpt, ProfileOptions(refs=[1], runtimes=["ort"], precisions=["fp16"], cache_dir=tmp_path))
-    with pytest.raises(GemxError, match="--precision takes fp32, fp16"):
+    with pytest.raises(GemxError, match="--precision takes fp32, fp16, int8"):
         ProfileOptions(precisions=["int4"])
     opts = ProfileOptions(refs=[1, 2], block_sizes=[4], runtimes=["ort"], iters=3, naive=False, frames=tmp_path / "v.mp4",
                           cache_dir=tmp_path)
@@ -170,3 +170,23 @@ def test_precision_axis_and_ground_truth_from_a_video(tiny_ckpt, tmp_path):
                                    "--frames", str(tmp_path / "v.mp4"), "--cache-dir", str(tmp_path), "--plot", str(tmp_path / "p.png")])
     assert res.exit_code == 0, res.output
     assert "truth" in res.output and (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_int8_rows_next_to_fp32_with_their_quality(tiny_ckpt, tmp_path):
+    from gemx.exporter.validate import INT8_PSNR_GOAL
+    from tests.conftest import videos_or_skip
+
+    video = videos_or_skip() / "retalk5_woman_glasses.mp4"
+    with pytest.raises(GemxError, match=r"none of --runtime torch runs --precision int8 \(ort/tensorrt\)"):
+        profile(tiny_ckpt, ProfileOptions(refs=[1], runtimes=["torch"], precisions=["int8"], cache_dir=tmp_path))
+    with pytest.raises(GemxError, match="pass --calib VIDEO"):
+        profile(tiny_ckpt, ProfileOptions(refs=[1], runtimes=["ort"], precisions=["int8"], cache_dir=tmp_path))
+    opts = ProfileOptions(refs=[1, 2], block_sizes=[4], runtimes=["ort"], precisions=["fp32", "int8"], iters=3, naive=False,
+                          calib=[video], frames=video, cache_dir=tmp_path)
+    rows = {(r.precision, r.refs): r for r in profile(tiny_ckpt, opts).rows if r.stage == "frame"}
+    assert set(rows) == {("fp32", 1), ("fp32", 2), ("int8", 1), ("int8", 2)}
+    for refs in (1, 2):
+        assert rows["fp32", refs].psnr_vs_fp32_db > 100 and INT8_PSNR_GOAL < rows["int8", refs].psnr_vs_fp32_db < 100
+        assert abs(rows["int8", refs].psnr_vs_truth_db - rows["fp32", refs].psnr_vs_truth_db) < 0.5
+    built = [p.name for p in tmp_path.glob("*/ort_cpu*")]
+    assert sorted(built) == ["ort_cpu", "ort_cpu_int8"]  # both precisions built for this machine
