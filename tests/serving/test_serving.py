@@ -342,7 +342,8 @@ def test_gemx_serve_runs_until_sigterm_and_leaves_no_server(repo):
     (["--kv-budget-mb", "-1"], "--kv-budget-mb must be positive"),
     (["--max-refs", "99"], "--max-refs must be between 1 and the export's 12"),
     (["--runtime", "onnx"], "unknown serving runtime 'onnx'"),
-    (["--precision", "fp16"], "FP16 serving needs a GPU runtime"),
+    (["--precision", "fp16"], "the ort runtime does not run fp16; fp16 runs on torch-cuda, ort-cuda, ort-tensorrt, tensorrt"),
+    (["--precision", "int8"], "has no int8 graphs; re-export with `gemx export --int8`"),
 ])
 def test_bad_triton_options_are_one_line(tiny_export, tmp_path, args, message):
     res = CliRunner().invoke(app, ["triton", str(tiny_export.path), "--out", str(tmp_path / "r"), *args])
