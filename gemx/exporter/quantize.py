@@ -148,6 +148,7 @@ def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path)
             raise GemxError(f"the INT8 range table has no range for a tensor of {fp32_path.name} ({str(e).splitlines()[0]}; "
                             "made for another gemx or torch version?); calibrate again with --calib VIDEO|DIR") from None
         proto = onnx.load(str(quantized))
+    _drop_requantization(proto)
     _check_qdq(proto, fp32_path.name)
     atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)))
     return proto
@@ -195,6 +196,36 @@ def _calibrated_ranges(fp32_path: Path, feeds: list[dict]) -> dict[str, tuple[fl
                         **_quant_args(fp32_path))
         data = load_tensors_data(cache).data
     return {t: (float(np.asarray(d.range_value[0]).item()), float(np.asarray(d.range_value[1]).item())) for t, d in data.items()}
+
+
+def _drop_requantization(proto: onnx.ModelProto) -> None:
+    """Conv -> Q -> DQ -> Relu -> Q becomes Conv -> Relu -> Q: ONNX Runtime's quantizer also quantizes a Relu's input,
+    which only rounds twice. Without that pair the graph has TensorRT's canonical placement (Q/DQ at Conv inputs,
+    Conv + Relu + Q fused) and ONNX Runtime fuses Conv -> Relu -> Q into one int8 convolution as well."""
+    g = proto.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    drop = []
+    for q in g.node:
+        if q.op_type != "QuantizeLinear" or q.input[0] not in producer or producer[q.input[0]].op_type != "Conv":
+            continue
+        dqs = consumers.get(q.output[0], [])
+        users = [u for dq in dqs for u in consumers.get(dq.output[0], [])]
+        if not (dqs and all(d.op_type == "DequantizeLinear" for d in dqs) and users and all(u.op_type == "Relu" for u in users)):
+            continue
+        if not all(c.op_type == "QuantizeLinear" for u in users for c in consumers.get(u.output[0], [])):
+            continue  # a Relu output read in float too: ORT could not fuse the Relu, keep the int8 Conv output
+        for u in users:
+            u.input[0] = q.input[0]
+        drop += [q, *dqs]
+    for n in drop:
+        g.node.remove(n)
+    used = {i for n in g.node for i in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
 
 
 def _check_qdq(proto: onnx.ModelProto, name: str) -> None:

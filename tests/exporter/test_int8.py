@@ -70,6 +70,9 @@ def test_int8_graphs_are_tensorrt_qdq(int8_export):
             assert len(conv.input) < 3 or conv.input[2] in inits  # float bias (TensorRT's form)
             quantized += 1
         assert quantized > rgb > 0
+        readers = {i: n.op_type for n in proto.graph.node for i in n.input}
+        for relu in (n for n in proto.graph.node if n.op_type == "Relu"):  # never Conv -> Q -> DQ -> Relu -> Q (rounds twice)
+            assert producer[relu.input[0]].op_type != "DequantizeLinear" or readers[relu.output[0]] != "QuantizeLinear", relu.name
 
 
 def test_manifest_records_method_source_and_accuracy(int8_export):
