@@ -88,7 +88,7 @@ class ProfileResult:
     machine: dict
     checkpoint: str
     interrupted: bool = False
-    ops: list[dict] = field(default_factory=list)  # with --ops: {block_size, refs, ms_per_frame, nodes, layout_share}
+    ops: list[dict] = field(default_factory=list)  # with --ops: {block_size, precision, refs, ms_per_frame, nodes, layout_share}
 
     def to_dict(self) -> dict:
         return {"checkpoint": self.checkpoint, "machine": self.machine, "interrupted": self.interrupted,
@@ -144,7 +144,7 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
                                                       t.fps, t.iters, memory, mem_kind, kv, cost["flops"], cost["params"],
                                                       **quality))
                     if opts.ops and runtime == "ort":
-                        result.ops.append(_ops_row(session, block, refs, refs_hr, target, opts))
+                        result.ops.append(_ops_row(session, block, prec, refs, refs_hr, target, opts))
                     progress(f"b{block} {runtime} {refs} refs", advance=1)
                 session.close()
                 del session  # freed before the next session's baseline, or its memory reads as negative growth
@@ -177,12 +177,13 @@ def _fp32_frames(export_path: Path, model, frames: torch.Tensor, target: np.ndar
     return out
 
 
-def _ops_row(session, block: int, refs: int, refs_hr: np.ndarray, target: np.ndarray, opts: ProfileOptions) -> dict:
+def _ops_row(session, block: int, precision: str, refs: int, refs_hr: np.ndarray, target: np.ndarray, opts: ProfileOptions) -> dict:
     from gemx.profiles.ops import frame_op_breakdown
 
     kv = session.encode(refs_hr)
     b = frame_op_breakdown(session.frame_graph, {"target_lr": target, **kv}, runs=max(3, opts.iters // 2), threads=opts.threads)
-    return {"block_size": block, "refs": refs, "ms_per_frame": b.ms_per_frame, "nodes": b.nodes, "layout_share": b.layout_share}
+    return {"block_size": block, "precision": precision, "refs": refs, "ms_per_frame": b.ms_per_frame, "nodes": b.nodes,
+            "layout_share": b.layout_share}
 
 
 def _measure(session, refs_hr: np.ndarray, target: np.ndarray, opts: ProfileOptions, mem_kind: str, base: int | None):
