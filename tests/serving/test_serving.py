@@ -349,3 +349,29 @@ def test_bad_triton_options_are_one_line(tiny_export, tmp_path, args, message):
     res = CliRunner().invoke(app, ["triton", str(tiny_export.path), "--out", str(tmp_path / "r"), *args])
     assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
     assert not (tmp_path / "r").exists()
+
+
+def test_an_int8_repository_serves_the_int8_graphs(tiny_ckpt, tmp_path):
+    """`gemx triton --precision int8`: the server runs the export's INT8 graphs (ORT CPU, prepared), frame for frame
+    what a local INT8 session gives, and visibly not the FP32 frame."""
+    from gemx.exporter.export import ExportOptions, export
+    from gemx.exporter.validate import INT8_PSNR_GOAL, psnr_db
+
+    video = videos_or_skip() / "retalk5_woman_glasses.mp4"
+    path = export(tiny_ckpt, ExportOptions(out=tmp_path / "int8.export", max_refs=MAX_REFS, int8=True, calib=[video])).path
+    repo = write_repository(path, tmp_path / "repo", TritonOptions(precision="int8", max_refs=MAX_REFS, threads=1))
+    assert repo.manifest["precision"] == "int8"
+    refs, lr = data(7)
+    with open_session("ort", path, "int8") as int8, open_session("ort", path) as fp32:
+        want, fp32_frames = [int8.decode(x, int8.encode(refs)) for x in lr], [fp32.decode(x, fp32.encode(refs)) for x in lr]
+    server = TritonServer(repo.path, grpc_port=free_port(), http_port=free_port(), log_path=tmp_path / "log")
+    server.start(timeout_s=90)
+    try:
+        with RemoteStream(server.grpc_url) as stream:
+            stream.set_references(refs)
+            for x, w, f in zip(lr, want, fp32_frames, strict=True):
+                got = stream(x)
+                np.testing.assert_allclose(got, w, atol=1e-5)
+                assert INT8_PSNR_GOAL < psnr_db(got, f) < 100
+    finally:
+        server.stop()
