@@ -27,7 +27,7 @@ from gemx.model.lr import downsample
 from gemx.profiles.flops import graph_cost
 from gemx.profiles.machine import machine_info
 from gemx.profiles.measure import device_memory_used, peak_rss_delta, release_freed_memory, rss_now, time_calls
-from gemx.runtimes.registry import PRECISIONS, open_session, resolve_runtime
+from gemx.runtimes.registry import RUNTIME_PRECISIONS, open_session, resolve_runtime
 
 
 @dataclass
@@ -102,9 +102,9 @@ def default_block_sizes(block: int, level: int) -> list[int]:
 def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, advance=0: None,
             on_total=lambda total: None) -> ProfileResult:
     runtimes = [resolve_runtime(r) for r in opts.runtimes]
-    combos = [(rt, p) for rt in runtimes for p in opts.precisions if p in PRECISIONS[rt]]
+    combos = [(rt, p) for rt in runtimes for p in opts.precisions if p in RUNTIME_PRECISIONS[rt]]
     if not combos:  # before any export
-        asked = ", ".join(f"{p} ({'/'.join(r for r in PRECISIONS if p in PRECISIONS[r])})" for p in opts.precisions)
+        asked = ", ".join(f"{p} ({'/'.join(r for r in RUNTIME_PRECISIONS if p in RUNTIME_PRECISIONS[r])})" for p in opts.precisions)
         raise GemxError(f"none of --runtime {', '.join(runtimes)} runs --precision {asked}")
     exports, model = _exports_for(source, opts, progress)
     if opts.threads:

@@ -54,7 +54,7 @@ def read_engine_record(export: ExportDir, precision: str) -> dict:
     path = export.path / engine_dir(precision)
     if not (path / RECORD).exists():
         raise GemxError(f"no {precision} TensorRT engines in {export.path}; build them with `gemx build {export.path}"
-                        f"{' --fp16' if precision == 'fp16' else ''}` on the GPU that will run them")
+                        f"{'' if precision == 'fp32' else ' --' + precision}` on the GPU that will run them")
     record = read_record(path, export)
     record["dir"] = engine_dir(precision)
     return record
