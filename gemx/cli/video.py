@@ -19,6 +19,9 @@ def upscale(
     refs: Annotated[int, typer.Option(min=1, help="number of references, chosen to be diverse")] = 5,
     ckpt: Annotated[Path | None, typer.Option(help="checkpoint (default: the shipped one)")] = None,
     runtime: Annotated[str, typer.Option(help="auto, torch, ort, torch-cuda, ort-cuda, ort-tensorrt or tensorrt")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, int8 (ort, tensorrt) or fp16 (GPU runtimes)")] = "fp32",
+    calib: Annotated[list[Path] | None, typer.Option(help="INT8 calibration video or folder (repeatable; the shipped "
+                                                         "checkpoint needs none)")] = None,
     scale: Annotated[int | None, typer.Option(help="expected scale factor; must match the checkpoint's")] = None,
     simulate: Annotated[bool, typer.Option("--simulate", help="INPUT is HR: make LR + references from it, report PSNR/SSIM")] = False,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="write bicubic | gemx | original side by side")] = False,
@@ -39,7 +42,7 @@ def upscale(
 
     if scale is not None and (trained := load_checkpoint(ckpt).config.scale) != scale:
         raise GemxError(f"--scale {scale} does not match the checkpoint's scale {trained}; pass a checkpoint trained for that scale")
-    opts = UpscaleOptions(references, refs, runtime, simulate, side_by_side, force, threads)
+    opts = UpscaleOptions(references, refs, runtime, simulate, side_by_side, force, threads, precision, list(calib or []))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} fps"),
                TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
@@ -52,7 +55,7 @@ def upscale(
         result = run_upscale(input, output, opts, ckpt, progress=advance, status=lambda msg: bar.update(task, description=msg))
     console.print(f"references: frames {result.reference_indices} of {lit(result.reference_source)} (encoded {result.encoder_runs}x)")
     console.print(f"wrote [bold]{lit(result.output)}[/]: {result.frames} frames, {result.size}x{result.size}, {float(result.fps):.2f} fps, "
-                  f"runtime {result.runtime}")
+                  f"runtime {result.runtime} {opts.precision}")
     if result.metrics:
         for name, m in result.metrics.items():
             console.print(f"  {name:8s} PSNR {m['psnr']:.2f} dB   SSIM {m['ssim_db']:.2f} dB")

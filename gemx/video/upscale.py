@@ -38,6 +38,8 @@ class UpscaleOptions:
     side_by_side: bool = False
     force: bool = False
     threads: int | None = None
+    precision: str = "fp32"  # int8 on ort/tensorrt, fp16 on the GPU runtimes
+    calib: list[Path] = field(default_factory=list)  # INT8 calibration videos (the shipped checkpoint needs none)
 
     def __post_init__(self) -> None:
         check_positive(refs=self.refs, threads=self.threads)
@@ -123,15 +125,16 @@ def _score(scores: dict, original: np.ndarray, result: np.ndarray, bicubic: np.n
 
 def _open(ckpt, opts: UpscaleOptions, refs: int, status):
     from gemx.exporter.cache import cached_export
-    from gemx.runtimes.registry import open_session, resolve_runtime
+    from gemx.runtimes.registry import check_precision, open_session, resolve_runtime
 
     runtime = resolve_runtime(opts.runtime)
+    check_precision(runtime, opts.precision)
     if runtime == "torch":
         from gemx.runtimes.torch_session import TorchSession
 
         return TorchSession(ckpt.model)
-    path, _ = cached_export(ckpt, ckpt.config.block_size, max(refs, 10), progress=status)
-    return open_session(runtime, path, threads=opts.threads, model=ckpt.model)
+    path, _ = cached_export(ckpt, ckpt.config.block_size, max(refs, 10), ["fp32", opts.precision], opts.calib, progress=status)
+    return open_session(runtime, path, opts.precision, threads=opts.threads, model=ckpt.model)
 
 
 def _read_references(path: Path, size: int) -> list[np.ndarray]:

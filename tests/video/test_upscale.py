@@ -113,3 +113,18 @@ def test_real_video_keeps_audio_frame_count_and_fps(tiny_ckpt, tmp_path):
     assert dst.fps == src.fps and result.frames == len(read_frames(video)) == len(read_frames(out))
     with av.open(str(out)) as c:
         assert c.streams.audio[0].codec_context.name == "aac"
+
+
+def test_int8_upscale_stays_close_to_fp32_and_names_what_runs_it(videos, tiny_ckpt, tmp_path):
+    """`gemx upscale --precision int8` (the tiny checkpoint calibrated on the clip itself): the same frames within the
+    INT8 budget of FP32; precisions a runtime does not compute in are refused before any work."""
+    fp32, int8 = tmp_path / "fp32", tmp_path / "int8"
+    upscale(videos / "hr.mp4", fp32, UpscaleOptions(simulate=True, refs=2, runtime="ort"), tiny_ckpt)
+    result = upscale(videos / "hr.mp4", int8, UpscaleOptions(simulate=True, refs=2, runtime="ort", precision="int8",
+                                                              calib=[videos / "hr.mp4"]), tiny_ckpt)
+    a, b = (to_tensor(np.stack([np.asarray(Image.open(p)) for p in sorted(d.glob("*.png"))])) for d in (fp32, int8))
+    assert 35 < float(psnr(b, a).mean()) < 100 and result.frames == 24
+    for runtime, precision in (("torch", "int8"), ("ort", "fp16")):
+        with pytest.raises(GemxError, match=f"the {runtime} runtime does not run {precision}"):
+            upscale(videos / "hr.mp4", tmp_path / "x", UpscaleOptions(simulate=True, runtime=runtime, precision=precision), tiny_ckpt)
+    assert not (tmp_path / "x").exists()
