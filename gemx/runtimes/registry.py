@@ -11,8 +11,8 @@ RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda", "ort-tensorrt", "tensorrt"
 FASTEST_FIRST = ("tensorrt", "ort-tensorrt", "ort-cuda", "torch-cuda", "ort", "torch")
 # What each runtime computes in: ORT's CPU provider upcasts FP16 graphs (so no fp16 there) and runs
 # INT8 QDQ graphs with its int8 kernels; TensorRT builds INT8 engines from the same QDQ graphs.
-RUNTIME_PRECISIONS = {"torch": ("fp32",), "ort": ("fp32", "int8"), "torch-cuda": ("fp32", "fp16"), "ort-cuda": ("fp32", "fp16"),
-              "ort-tensorrt": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16", "int8")}
+RUNTIME_PRECISIONS = {"torch": ("fp32",), "ort": ("fp32", "int8"), "torch-cuda": ("fp32", "fp16"),
+                      "ort-cuda": ("fp32", "fp16"), "ort-tensorrt": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16", "int8")}
 
 
 def check_precision(runtime: str, precision: str) -> None:

@@ -85,7 +85,7 @@ def write_repository(export_path: Path, out: Path, opts: TritonOptions) -> Repos
     _check_options(export, opts)
     check_target(Path(out), opts.force, is_repository, "a gemx Triton repository")
     max_refs = opts.max_refs or export.max_refs
-    contract = export.contract(_contract_precision(opts))
+    contract = export.contract(opts.precision)
     manifest = {
         "format": FORMAT, "version": VERSION, "gemx_version": gemx.__version__,
         "export": {"name": Path(export_path).resolve().name, "sha256": sha256(export.path / MANIFEST),
@@ -183,10 +183,6 @@ def _model_config_pb2():
     except ImportError:
         raise GemxError("writing a Triton repository needs Triton's protobufs; install them with: pip install 'gemx[serve]'") from None
     return model_config_pb2
-
-
-def _contract_precision(opts: TritonOptions) -> str:
-    return "fp16" if opts.precision == "fp16" else "fp32"  # INT8 graphs take and give float32, like FP32
 
 
 def _check_options(export: ExportDir, opts: TritonOptions) -> None:
