@@ -74,7 +74,7 @@ class ProfileRow:
     fps: float
     iters: int
     peak_memory_bytes: int | None
-    memory_kind: str  # "rss over pre-session" on the CPU, "device over pre-session" on a GPU
+    memory_kind: str  # "rss over pre-session, own process" on the CPU, "device over pre-session" on a GPU
     kv_cache_bytes: int
     flops: int
     params: int
@@ -126,14 +126,19 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
             costs = {refs: {g: graph_cost(export_dir.graph_path(g), refs) for g in ("reference_encoder", "frame")}
                      for refs in opts.refs}  # per graph and reference count, the same for every runtime
             for runtime, prec in combos:
-                mem_kind = "rss over pre-session" if runtime in ("torch", "ort") else "device over pre-session"
-                release_freed_memory()
-                base = rss_now() if mem_kind.startswith("rss") else device_memory_used()
+                on_cpu = runtime in ("torch", "ort")
+                mem_kind = "rss over pre-session, own process" if on_cpu else "device over pre-session"
+                if on_cpu:  # in a fresh interpreter: here, memory an earlier session freed would be reused unseen
+                    progress(f"b{block} {runtime} {prec} memory")
+                    cpu_memory = _cpu_memory(_MemoryProbe(runtime, path, prec, opts.threads, source, block, opts.refs,
+                                                          frames[1:max_refs + 1].numpy(), target))
+                base = None if on_cpu else device_memory_used()
                 session = open_session(runtime, path, prec, opts.threads, model=block_model)
                 for refs in opts.refs:
                     progress(f"b{block} {runtime} {prec} {refs} refs")
                     refs_hr = frames[1:refs + 1].numpy()
                     encode, frame, memory = _measure(session, refs_hr, target, opts, mem_kind, base)
+                    memory = cpu_memory[refs] if on_cpu else memory
                     out = session(target)  # references of this count are set: the frame the timings measured
                     quality = {"psnr_vs_fp32_db": min(psnr_db(out, fp32_frames[refs]), EXACT_DB),
                                "psnr_vs_truth_db": psnr_db(np.clip(out, 0, 1), truth) if opts.frames else None}
@@ -147,7 +152,7 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
                         result.ops.append(_ops_row(session, block, prec, refs, refs_hr, target, opts))
                     progress(f"b{block} {runtime} {refs} refs", advance=1)
                 session.close()
-                del session  # freed before the next session's baseline, or its memory reads as negative growth
+                del session
             if opts.naive and block_model is not None:
                 for refs in opts.refs:
                     flops = costs[refs]["reference_encoder"]["flops"] + costs[refs]["frame"]["flops"]
@@ -187,23 +192,65 @@ def _ops_row(session, block: int, precision: str, refs: int, refs_hr: np.ndarray
 
 
 def _measure(session, refs_hr: np.ndarray, target: np.ndarray, opts: ProfileOptions, mem_kind: str, base: int | None):
-    """(encode timing, per-frame timing, peak memory above `base`) for one session and reference set.
-
-    Memory counts everything the session holds (weights, arenas, the key/value cache) at its peak over
-    one encode + frame, relative to the process before the session was opened.
-    """
+    """(encode timing, per-frame timing, device memory above `base` on a GPU) for one session and reference set."""
     encode = time_calls(lambda: session.set_references(refs_hr), 1, max(3, opts.iters // 4))
     frame = time_calls(lambda: session(target), opts.warmup, opts.iters, opts.seconds)
-    memory = _peak_memory(mem_kind, lambda: (session.set_references(refs_hr), session(target)), base)
+    memory = None
+    if mem_kind.startswith("device"):
+        session.set_references(refs_hr)
+        session(target)
+        after = device_memory_used()
+        memory = None if base is None or after is None else max(after - base, 0)
     return encode, frame, memory
 
 
-def _peak_memory(kind: str, fn, base: int | None) -> int | None:
-    if kind.startswith("device"):
-        fn()
-        after = device_memory_used()
-        return None if base is None or after is None else max(after - base, 0)
-    return peak_rss_delta(fn, base)
+@dataclass(frozen=True)
+class _MemoryProbe:
+    """What a fresh interpreter needs to open one CPU session and measure its memory at each reference count."""
+    runtime: str
+    export: Path
+    precision: str
+    threads: int | None
+    checkpoint: Path | None  # the torch runtime runs the checkpoint's model (None: the shipped one)
+    block_size: int
+    refs: list[int]
+    references: np.ndarray  # [max refs, 3, H, W]
+    target: np.ndarray
+
+
+def _cpu_memory(probe: _MemoryProbe) -> dict[int, int | None]:
+    """Peak resident memory of one session per reference count, measured in a fresh interpreter.
+
+    In this process, memory an earlier (larger) session freed stays resident and a later session reuses it
+    without growing RSS, so its figure would read low (even 0). A spawned process starts clean."""
+    import pickle
+    import subprocess
+    import sys
+
+    code = ("import pickle, sys; from gemx.profiles.sweep import _probe_memory; "
+            "sys.stdout.buffer.write(pickle.dumps(_probe_memory(pickle.loads(sys.stdin.buffer.read()))))")
+    run = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(probe), capture_output=True, check=False)
+    if run.returncode != 0:
+        if run.returncode < 0:  # a signal (Ctrl-C reaches the whole process group): stop like the sweep itself
+            raise KeyboardInterrupt
+        last = (run.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise GemxError(f"measuring {probe.runtime} {probe.precision} memory in a fresh process failed: {last}")
+    return pickle.loads(run.stdout)
+
+
+def _probe_memory(p: _MemoryProbe) -> dict[int, int | None]:
+    """In the fresh interpreter: everything the session holds (weights, arenas, the key/value cache) at its peak
+    over one encode + frame, above the process before the session was opened."""
+    model = None
+    if p.runtime == "torch":
+        model = with_block_size(load_checkpoint(p.checkpoint).model, p.block_size)
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    release_freed_memory()
+    base = rss_now()
+    session = open_session(p.runtime, p.export, p.precision, p.threads, model=model)
+    return {r: peak_rss_delta(lambda r=r: (session.set_references(p.references[:r]), session(p.target)), base)
+            for r in p.refs}
 
 
 @torch.inference_mode()

@@ -102,6 +102,21 @@ def test_time_calls_counts_and_orders_percentiles():
     assert t.iters == 7 and t.min_ms <= t.p50_ms <= t.p99_ms and t.fps > 0
 
 
+def test_session_memory_is_measured_in_a_clean_process(tiny_ckpt, tmp_path):
+    """A session profiled after a larger one must not read low because it reuses what the larger one freed: each
+    CPU session's memory is measured in a fresh interpreter, so the same session reads the same in any company."""
+    big = ProfileOptions(refs=[1, 12], block_sizes=[4], runtimes=["torch", "ort"], iters=2, naive=False, cache_dir=tmp_path)
+    alone = ProfileOptions(refs=[1, 12], block_sizes=[4], runtimes=["ort"], iters=2, naive=False, cache_dir=tmp_path)
+    rows = {}
+    for name, opts in (("after torch", big), ("alone", alone)):
+        rows[name] = {(r.runtime, r.refs): r for r in profile(tiny_ckpt, opts).rows if r.stage == "frame"}
+    for name, got in rows.items():
+        assert all(r.memory_kind == "rss over pre-session, own process" and r.peak_memory_bytes > 0 for r in got.values())
+        assert got["ort", 12].peak_memory_bytes >= got["ort", 1].peak_memory_bytes, name
+    a, b = rows["after torch"]["ort", 12].peak_memory_bytes, rows["alone"]["ort", 12].peak_memory_bytes
+    assert abs(a - b) < 0.25 * max(a, b) + 4 * 2**20
+
+
 def test_peak_memory_counts_what_a_session_allocates():
     import numpy as np
 
