@@ -161,8 +161,8 @@ def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, 
         progress("quantizing graphs to INT8 (QDQ)")
         paths = tuple(out / spec.file("int8") for spec in contract.graphs)
         protos = [quantize(src, table.graphs[spec.name], dst) for spec, src, dst in zip(contract.graphs, folded, paths, strict=True)]
-        kept_fp32 = {spec.name: fp32_convs(onnx.load(str(src))) for spec, src in zip(contract.graphs, folded, strict=True)}
     table.save(out / RANGES_FILE)
+    kept_fp32 = {spec.name: fp32_convs(proto) for spec, proto in zip(contract.graphs, protos, strict=True)}
     result.trt += [check_tensorrt_compat(p, path.name) for p, path in zip(protos, paths, strict=True)]
     progress(f"checking int8 accuracy at refs {refs_list}")
     rows = check_parity(model, Contract(contract.config, "int8"), paths, refs_list, frames, reference_paths=fp32_paths)

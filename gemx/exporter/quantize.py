@@ -163,7 +163,8 @@ def fold_constants(src: Path, out: Path) -> None:
 
 
 def fp32_convs(proto: onnx.ModelProto) -> list[str]:
-    """Convolutions kept in FP32: those that read or write RGB (or fewer channels, e.g. depthwise)."""
+    """Convolutions kept in FP32: those that read or write RGB (or fewer channels, e.g. depthwise). In a quantized
+    graph the same list: only FP32 convolutions still take their weight straight from an initializer."""
     weights = {i.name: i.dims for i in proto.graph.initializer}
     return [n.name for n in proto.graph.node if n.op_type == "Conv" and n.input[1] in weights
             and min(weights[n.input[1]][:2]) <= RGB_CHANNELS]
@@ -198,16 +199,22 @@ def _calibrated_ranges(fp32_path: Path, feeds: list[dict]) -> dict[str, tuple[fl
     return {t: (float(np.asarray(d.range_value[0]).item()), float(np.asarray(d.range_value[1]).item())) for t, d in data.items()}
 
 
+def graph_links(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """(the node producing each tensor, the nodes reading each tensor) of one graph."""
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
 def _drop_requantization(proto: onnx.ModelProto) -> None:
     """Conv -> Q -> DQ -> Relu -> Q becomes Conv -> Relu -> Q: ONNX Runtime's quantizer also quantizes a Relu's input,
     which only rounds twice. Without that pair the graph has TensorRT's canonical placement (Q/DQ at Conv inputs,
     Conv + Relu + Q fused) and ONNX Runtime fuses Conv -> Relu -> Q into one int8 convolution as well."""
     g = proto.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = graph_links(g)
     drop = []
     for q in g.node:
         if q.op_type != "QuantizeLinear" or q.input[0] not in producer or producer[q.input[0]].op_type != "Conv":

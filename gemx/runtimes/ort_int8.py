@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from gemx.exporter.quantize import graph_links
+
 QUANTIZE, DEQUANTIZE = "QuantizeLinear", "DequantizeLinear"
 
 
@@ -26,11 +28,7 @@ def prepare_for_ort_cpu(proto: onnx.ModelProto) -> onnx.ModelProto:
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = graph_links(g)
 
     def add(array: np.ndarray, name: str) -> str:
         g.initializer.append(numpy_helper.from_array(array, name))
