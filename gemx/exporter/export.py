@@ -22,6 +22,7 @@ from gemx.exporter.manifest import graph_entry, is_export, new_manifest, sha256,
 from gemx.exporter.onnx_export import DEFAULT_OPSET, check_opset, export_graph, strip_build_metadata
 from gemx.exporter.quantize import (
     METHOD,
+    QUANTIZED_OPS,
     RANGES_FILE,
     RangeTable,
     calibrate,
@@ -178,7 +179,7 @@ def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, 
         "quantization": {
             "method": METHOD, "format": "QDQ",
             "activations": "int8, symmetric per tensor (zero point 0)", "weights": "int8, symmetric per output channel",
-            "quantized_ops": ["Conv"], "kept_fp32": kept_fp32,
+            "quantized_ops": QUANTIZED_OPS, "kept_fp32": kept_fp32,
             "calibration": {"source": table.source, "frames": table.frames, "block_size": table.block_size,
                             "table": RANGES_FILE, "table_sha256": sha256(out / RANGES_FILE),
                             "shipped": not isinstance(calib, list)},

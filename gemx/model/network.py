@@ -100,22 +100,18 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
 
 # --- block attention ------------------------------------------------------------------------------
 # Layouts (M = batch * number of blocks, BB = B*B tokens per block, R = references, C = channels):
-#   queries [M, C, BB]; keys and values [M, C, R, BB] (keys already divided by the temperature).
-# Channels stay ahead of the tokens everywhere, so forming and undoing blocks moves contiguous runs of B
-# values (a block row) instead of single floats, and both products read their operands as they lie:
-#   logits [M, BB, R*BB] = Q^T K,   out [M, C, BB] = V softmax(logits)^T   (transposes fused into the MatMuls).
-# R keeps a dimension of its own in the cache; merging it with BB is a free contiguous reshape.
+#   queries and attention output [M, BB, C]; keys and values [M, C, R, BB] (keys already divided by the temperature).
+# Per frame only query-sized data is re-laid out, in two moves ONNX Runtime does at close to copy speed: a plain
+# NCHW -> NHWC transpose, then swapping block rows with block columns, which moves runs of B*C contiguous values.
+# (A single permute straight to blocks moves runs of B or single values, 3-10x slower.) Both products then read
+# their operands as they lie: logits [M, BB, R*BB] = Q K, out [M, BB, C] = softmax(logits) V^T (a fused transpose).
+# The cache is blocked once per reference set; R keeps a dimension of its own, merging it with BB is free.
 
 def _blocks(x: torch.Tensor, b: int) -> torch.Tensor:
-    """[N, R, C, H, W] -> [M, C, R, BB]: block rows of B contiguous values move together."""
+    """[N, R, C, H, W] -> [M, C, R, BB]."""
     n, _, c, h, w = x.shape
     x = x.reshape(n, -1, c, h // b, b, w // b, b).permute(0, 3, 5, 2, 1, 4, 6)
     return x.reshape(n * (h // b) * (w // b), c, -1, b * b)
-
-
-def query_blocks(q: torch.Tensor, b: int) -> torch.Tensor:
-    """[N, C, H, W] -> [M, C, BB]."""
-    return _blocks(q.unsqueeze(1), b).flatten(2)
 
 
 def key_blocks(k: torch.Tensor, b: int) -> torch.Tensor:
@@ -128,26 +124,43 @@ def value_blocks(v: torch.Tensor, b: int) -> torch.Tensor:
     return _blocks(v, b)
 
 
+def query_blocks(q: torch.Tensor, b: int) -> torch.Tensor:
+    """[N, C, H, W] -> [M, BB, C]."""
+    n, c, h, w = q.shape
+    x = q.permute(0, 2, 3, 1).reshape(n, h // b, b, w // b, b * c).transpose(2, 3)
+    return x.reshape(-1, b * b, c)
+
+
 def unblock(x: torch.Tensor, n: int, c: int, h: int, w: int, b: int) -> torch.Tensor:
-    """[M, C, BB] -> [N, C, H, W], the inverse of `query_blocks`."""
-    x = x.reshape(n, h // b, w // b, c, b, b).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(n, c, h, w)
+    """[M, BB, C] -> [N, C, H, W], the inverse of `query_blocks`."""
+    x = x.reshape(n, h // b, w // b, b, b * c).transpose(2, 3)
+    return x.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def unit(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """`F.normalize(x, dim=dim)` (the same numbers) without the Expand it exports."""
+    return x / torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(1e-12)
+
+
+def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K) V per block: queries [M, BB, C]; keys, values [M, C, R, BB] -> [M, BB, C].
+
+    Logits and softmax run in float32 whatever the activations are: they are the numerically
+    sensitive step of a half-precision network.
+    """
+    m, c = keys.shape[:2]
+    logits = torch.matmul(cast(queries, torch.float32), cast(keys.reshape(m, c, -1), torch.float32))  # [M, BB, R*BB]
+    attn = cast(torch.softmax(logits, dim=-1), values.dtype)
+    return torch.matmul(attn, values.reshape(m, c, -1).transpose(1, 2))
 
 
 def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b: int) -> torch.Tensor:
     """softmax(Q K^T / c) V inside each BxB block, over the same block of every reference.
 
-    q: [N, C, H, W] (unit-norm per token); keys, values: blocked as above, the temperature folded into the keys.
-    Logits and softmax run in float32 whatever the activations are: they are the numerically
-    sensitive step of a half-precision network.
+    q: [N, C, H, W]; keys, values: blocked as above, the temperature folded into the keys.
     """
     n, c, h, w = q.shape
-    m = keys.shape[0]
-    queries = cast(query_blocks(q, b), torch.float32)  # [M, C, BB]
-    logits = torch.matmul(queries.transpose(1, 2), cast(keys.reshape(m, c, -1), torch.float32))  # [M, BB, R*BB]
-    attn = cast(torch.softmax(logits, dim=-1), values.dtype)
-    out = torch.matmul(values.reshape(m, c, -1), attn.transpose(1, 2))  # [M, C, BB]
-    return unblock(out, n, c, h, w, b)
+    return unblock(attend(query_blocks(q, b), keys, values), n, c, h, w, b)
 
 
 @dataclass
@@ -237,8 +250,9 @@ class GeminoAttention(nn.Module):
             parts = []
             if i in levels:
                 j = levels.index(i)
-                qn = F.normalize(cast(q, torch.float32), dim=1)
-                parts.append(block_attention(qn, cache.keys[j], cache.values[j], self.config.block_at(i)))
+                b = self.config.block_at(i)
+                queries = unit(cast(query_blocks(q, b), torch.float32), dim=-1)  # cosine attention: unit-norm tokens
+                parts.append(unblock(attend(queries, cache.keys[j], cache.values[j]), *q.shape, b))
             if self.config.arch == "sisr" or self.config.robust:
                 parts.append(q)
             feats.append(parts)

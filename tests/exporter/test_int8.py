@@ -44,7 +44,8 @@ def _initializers(proto):
 
 
 def test_int8_graphs_are_tensorrt_qdq(int8_export):
-    """Zero points 0 (int8), per-channel weight scales on the output-channel axis, RGB convolutions in FP32."""
+    """Zero points 0 (int8), per-channel weight scales on the output-channel axis, convolutions reading RGB in FP32,
+    the decoder's sums quantized, the residual Add in FP32."""
     _, result = int8_export
     export_dir = read_export_dir(result.path)
     for graph in ("reference_encoder", "frame"):
@@ -58,8 +59,8 @@ def test_int8_graphs_are_tensorrt_qdq(int8_export):
             assert zero.dtype == np.int8 and not zero.any(), n.name
         quantized = rgb = 0
         for conv in (n for n in proto.graph.node if n.op_type == "Conv"):
-            if conv.input[1] in inits:  # a float weight: kept FP32, only where the conv reads or writes RGB
-                assert min(inits[conv.input[1]].shape[:2]) <= 3, conv.name
+            if conv.input[1] in inits:  # a float weight: kept FP32, only where the conv reads RGB
+                assert inits[conv.input[1]].shape[1] <= 3, conv.name
                 rgb += 1
                 continue
             dq = producer[conv.input[1]]
@@ -70,9 +71,13 @@ def test_int8_graphs_are_tensorrt_qdq(int8_export):
             assert len(conv.input) < 3 or conv.input[2] in inits  # float bias (TensorRT's form)
             quantized += 1
         assert quantized > rgb > 0
-        readers = {i: n.op_type for n in proto.graph.node for i in n.input}
-        for relu in (n for n in proto.graph.node if n.op_type == "Relu"):  # never Conv -> Q -> DQ -> Relu -> Q (rounds twice)
-            assert producer[relu.input[0]].op_type != "DequantizeLinear" or readers[relu.output[0]] != "QuantizeLinear", relu.name
+        for relu in (n for n in proto.graph.node if n.op_type == "Relu"):  # Conv -> Relu -> Q, never Q -> DQ -> Relu
+            assert producer[relu.input[0]].op_type in ("Conv", "Add"), relu.name
+        adds = [n for n in proto.graph.node if n.op_type == "Add"]
+        summed = [a for a in adds if all(producer[i].op_type == "DequantizeLinear" for i in a.input)]
+        if graph == "frame":  # the decoder's partial sums in int8; only a residual over the bicubic frame in FP32
+            assert len(summed) >= 2
+            assert all(a.output[0] == proto.graph.output[0].name for a in adds if a not in summed)
 
 
 def test_manifest_records_method_source_and_accuracy(int8_export):
@@ -138,13 +143,16 @@ def test_calibration_input_errors_are_one_line(int8_export, tmp_path):
 
 
 def test_ort_preparation_fuses_every_quantized_conv(int8_export):
-    """The prepared graph runs each int8 Conv as one QLinearConv; its output stays within the INT8 budget of FP32."""
+    """The prepared graph runs each int8 Conv as one QLinearConv and each int8 sum as one QLinearAdd, with no float
+    Relu left; its output stays within the INT8 budget of FP32."""
     import onnxruntime as ort
 
     _, result = int8_export
     export_dir = read_export_dir(result.path)
     proto = onnx.load(str(export_dir.graph_path("frame", "int8")))
     quantized = sum(1 for n in proto.graph.node if n.op_type == "Conv" and n.input[1] not in _initializers(proto))
+    producer = {o: n.op_type for n in proto.graph.node for o in n.output}
+    sums = sum(1 for n in proto.graph.node if n.op_type == "Add" and {producer.get(i) for i in n.input} == {"DequantizeLinear"})
     prepared = prepare_for_ort_cpu(proto)
     onnx.checker.check_model(prepared)
     for n in prepared.graph.node:  # activations uint8 (zero point 0 after a Relu, else 128), biases int32
@@ -154,7 +162,9 @@ def test_ort_preparation_fuses_every_quantized_conv(int8_export):
     opts.optimized_model_filepath = str(result.path.parent / "optimized.onnx")
     ort.InferenceSession(prepared.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     optimized = onnx.load(opts.optimized_model_filepath).graph.node
-    assert Counter(n.op_type for n in optimized)["QLinearConv"] == quantized  # Relu -> Q folded, Conv -> Q fused
+    ops = Counter(n.op_type for n in optimized)
+    assert ops["QLinearConv"] == quantized and ops["QLinearAdd"] == sums >= 2  # Relu -> Q folded, Conv/Add -> Q fused
+    assert ops["Relu"] == 0
 
 
 def test_int8_sessions_match_fp32_and_the_cpu_build_is_used(int8_export):
