@@ -8,8 +8,8 @@ Key/value layout, per attention level i (M = blocks per frame, BB = tokens per b
     key_i   [M, C, refs, BB]  the temperature already folded in; float32 even in FP16 graphs,
                               because the attention logits are computed in float32
     value_i [M, C, refs, BB]  float16 in FP16 graphs (half the cache), float32 otherwise
-Both keep `refs` in a dimension of its own; the frame graph merges it with BB by a free reshape. Channels
-lie ahead of tokens, so the frame graph forms and undoes blocks by moving whole block rows.
+Both keep `refs` in a dimension of its own; the frame graph merges it with BB by a free reshape, so per frame
+only the target's queries are re-laid out (see `gemx.model.network`).
 """
 
 from __future__ import annotations

@@ -101,10 +101,11 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
 # --- block attention ------------------------------------------------------------------------------
 # Layouts (M = batch * number of blocks, BB = B*B tokens per block, R = references, C = channels):
 #   queries and attention output [M, BB, C]; keys and values [M, C, R, BB] (keys already divided by the temperature).
-# Per frame only query-sized data is re-laid out, in two moves ONNX Runtime does at close to copy speed: a plain
-# NCHW -> NHWC transpose, then swapping block rows with block columns, which moves runs of B*C contiguous values.
-# (A single permute straight to blocks moves runs of B or single values, 3-10x slower.) Both products then read
-# their operands as they lie: logits [M, BB, R*BB] = Q K, out [M, BB, C] = softmax(logits) V^T (a fused transpose).
+# Per frame only query-sized data is re-laid out, in two moves that ONNX Runtime's Transpose does fast: a plain
+# NCHW -> NHWC transpose (which ORT folds into the Reorder after its blocked convolutions), then swapping block rows
+# with block columns, which moves runs of B*C contiguous values. A single permute straight to blocks moves runs of
+# B values, or single values: 2-6x slower. Both products read their operands as they lie:
+# logits [M, BB, R*BB] = Q K, out [M, BB, C] = softmax(logits) V^T (a transpose ORT fuses into the product).
 # The cache is blocked once per reference set; R keeps a dimension of its own, merging it with BB is free.
 
 def _blocks(x: torch.Tensor, b: int) -> torch.Tensor:
