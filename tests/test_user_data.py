@@ -191,6 +191,22 @@ def test_a_damaged_cached_export_is_exported_again(tiny_ckpt, tmp_path):
     assert fresh and read_export_dir(path)
 
 
+def test_a_cached_export_from_older_graphs_is_exported_again(tiny_ckpt, tmp_path, monkeypatch):
+    """After an upgrade that changes the graphs, profile/upscale must not measure the old ones from the cache."""
+    import gemx.exporter.manifest as manifest
+
+    ckpt = load_checkpoint(tiny_ckpt)
+    monkeypatch.setattr(manifest, "GRAPHS_REVISION", manifest.GRAPHS_REVISION - 1)  # an export made by an older gemx
+    path, fresh = cached_export(ckpt, 4, 2, cache_dir=tmp_path)
+    assert fresh and read_export_dir(path).manifest["graphs_revision"] == manifest.GRAPHS_REVISION
+    monkeypatch.undo()
+    messages = []
+    path, fresh = cached_export(ckpt, 4, 2, cache_dir=tmp_path, progress=messages.append)
+    assert fresh and read_export_dir(path).manifest["graphs_revision"] == manifest.GRAPHS_REVISION
+    assert any("older gemx" in m for m in messages)
+    assert not cached_export(ckpt, 4, 2, cache_dir=tmp_path)[1]  # and kept from then on
+
+
 def test_non_finite_weights_are_refused(tmp_path):
     model = build_model(preset("tiny"))
     with torch.no_grad():

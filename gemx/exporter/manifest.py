@@ -17,6 +17,9 @@ from gemx.model.config import ModelConfig
 
 FORMAT = "gemx-export"
 VERSION = 1
+# What gemx writes for the same checkpoint and options; bumped whenever the graphs change (block layout,
+# quantization), so that an export cached by an older gemx is made again instead of measured as if current.
+GRAPHS_REVISION = 2
 MANIFEST = "manifest.json"
 
 
@@ -158,6 +161,7 @@ def new_manifest(config: ModelConfig, params: int, opset: int, max_refs: int, va
         "format": FORMAT,
         "version": VERSION,
         "gemx_version": gemx.__version__,
+        "graphs_revision": GRAPHS_REVISION,
         "model": {"config": config.to_dict(), "parameters": params, "checkpoint": source},
         "opset": opset,
         "refs": {"axis": "refs", "min": 1, "max": max_refs, "validated": validated},
