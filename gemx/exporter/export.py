@@ -161,19 +161,22 @@ def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, 
         table = calibrate(folded, contract, calib, checkpoint_sha, progress) if isinstance(calib, list) else calib
         progress("quantizing graphs to INT8 (QDQ)")
         paths = tuple(out / spec.file("int8") for spec in contract.graphs)
-        protos = [quantize(src, table.graphs[spec.name], dst) for spec, src, dst in zip(contract.graphs, folded, paths, strict=True)]
+        values = table.graphs["reference_encoder"]  # the value cache's ranges: both graphs use the same scales
+        protos = [quantize(src, table.graphs[spec.name], dst, values)
+                  for spec, src, dst in zip(contract.graphs, folded, paths, strict=True)]
     table.save(out / RANGES_FILE)
     kept_fp32 = {spec.name: fp32_convs(proto) for spec, proto in zip(contract.graphs, protos, strict=True)}
     result.trt += [check_tensorrt_compat(p, path.name) for p, path in zip(protos, paths, strict=True)]
     progress(f"checking int8 accuracy at refs {refs_list}")
-    rows = check_parity(model, Contract(contract.config, "int8"), paths, refs_list, frames, reference_paths=fp32_paths)
+    int8 = Contract(contract.config, "int8")
+    rows = check_parity(model, int8, paths, refs_list, frames, reference_paths=fp32_paths)
     result.parity["int8"] = rows
     worst = min(r.psnr_db for r in rows)
     if not worst > INT8_PSNR_GOAL:
         raise GemxError(f"the int8 graphs reach only {worst:.1f} dB PSNR against FP32 (goal > {INT8_PSNR_GOAL} dB); "
                         "export refused: calibrate on video closer to what you serve (--calib)")
     result.manifest["precisions"]["int8"] = {
-        "graphs": {spec.name: graph_entry(spec, path, proto) for spec, path, proto in zip(contract.graphs, paths, protos, strict=True)},
+        "graphs": {spec.name: graph_entry(spec, path, proto) for spec, path, proto in zip(int8.graphs, paths, protos, strict=True)},
         "parity": [vars(r) for r in rows],
         "parity_against": "fp32 graphs",
         "quantization": {

@@ -105,7 +105,8 @@ def calibration_videos(paths: list[Path]) -> list[Path]:
 
 def calibrate(fp32_paths: tuple[Path, Path], contract: Contract, videos: list[Path], checkpoint_sha256: str,
               progress=lambda msg: None) -> RangeTable:
-    """Run the (constant-folded) FP32 graphs over frames of `videos` and keep every Conv input's range.
+    """Run the (constant-folded) FP32 graphs over frames of `videos` and keep the range of every quantized op's
+    input and output, and of the value cache the encoder writes.
 
     Frame-graph samples: CALIB_FRAMES targets spread over the videos, each attending to 1 or 2 other frames
     of its own video; encoder samples: those reference sets."""
@@ -114,6 +115,7 @@ def calibrate(fp32_paths: tuple[Path, Path], contract: Contract, videos: list[Pa
     encoder_feeds, frame_feeds = [], []
     encoder = ort_session(fp32_paths[0])
     kv_names = [s.name for s in contract.kv]
+    values = {s.name: 0.0 for s in contract.kv if s.name.startswith("value")}
     for video in videos:
         progress(f"reading calibration frames of {video.name}")
         frames = cached_frames(video, cfg.size)
@@ -126,18 +128,22 @@ def calibrate(fp32_paths: tuple[Path, Path], contract: Contract, videos: list[Pa
             refs = refs_hr[: 1 + i % 2]
             if i < 2:
                 encoder_feeds.append({"references": refs})
-            kv = encoder.run(kv_names, {"references": refs})
-            frame_feeds.append({"target_lr": target[None], **dict(zip(kv_names, kv, strict=True))})
+            kv = dict(zip(kv_names, encoder.run(kv_names, {"references": refs}), strict=True))
+            frame_feeds.append({"target_lr": target[None], **kv})
+            values = {name: max(amax, float(np.abs(kv[name]).max())) for name, amax in values.items()}
     graphs = {}
     for spec, path, feeds in zip(contract.graphs, fp32_paths, (encoder_feeds, frame_feeds), strict=True):
         progress(f"calibrating {spec.name} on {len(feeds)} samples")
         graphs[spec.name] = _calibrated_ranges(path, feeds)
+    graphs["reference_encoder"].update({name: (-amax, amax) for name, amax in values.items()})
     source = f"{len(videos)} video{'s' if len(videos) > 1 else ''}: {', '.join(v.name for v in videos)}"
     return RangeTable(checkpoint_sha256, cfg.block_size, source, len(frame_feeds), graphs)
 
 
-def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path) -> onnx.ModelProto:
-    """The QDQ INT8 graph of one (constant-folded) FP32 graph from its calibrated ranges."""
+def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path,
+             value_ranges: dict[str, tuple[float, float]]) -> onnx.ModelProto:
+    """The QDQ INT8 graph of one (constant-folded) FP32 graph from its calibrated ranges; `value_ranges`: the
+    value cache's, which the encoder graph quantizes and the frame graph dequantizes with the same scales."""
     from onnxruntime.quantization import CalibrationMethod, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
@@ -153,6 +159,8 @@ def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path)
                             "made for another gemx or torch version?); calibrate again with --calib VIDEO|DIR") from None
         proto = onnx.load(str(quantized))
     _drop_requantization(proto)
+    _int8_value_cache(proto, value_ranges, fp32_path.name)
+    _quantize_probabilities(proto)
     _check_qdq(proto, fp32_path.name)
     atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)))
     return proto
@@ -267,6 +275,71 @@ def _drop_requantization(proto: onnx.ModelProto) -> None:
     used = {i for n in g.node for i in n.input}
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
+
+
+def _int8_value_cache(proto: onnx.ModelProto, value_ranges: dict[str, tuple[float, float]], name: str) -> None:
+    """The value cache in int8 (symmetric, one scale per level): the encoder ends each value output with a Q, the
+    frame graph reads each as int8 and dequantizes it where the attention product reads it (after free reshapes), so
+    that the product runs in int8 and the cache takes a quarter of the memory."""
+    g = proto.graph
+    producer, consumers = graph_links(g)
+    names = [t.name for t in (*g.input, *g.output) if t.name.startswith("value_")]
+    missing = [v for v in names if v not in value_ranges]
+    if missing:
+        raise GemxError(f"{name}: the INT8 range table has no range for {missing[0]} (made by an older gemx?); "
+                        "calibrate again with --calib VIDEO|DIR")
+    for v in names:
+        scale, zero = _add_scale(g, v, max(abs(value_ranges[v][0]), abs(value_ranges[v][1])) / 127)
+        if v in {o.name for o in g.output}:  # encoder: ... -> Q -> value_i (int8)
+            node = producer[v]
+            node.output[:] = [f"{v}_float" if o == v else o for o in node.output]
+            g.node.insert(list(g.node).index(node) + 1,
+                          onnx.helper.make_node("QuantizeLinear", [f"{v}_float", scale, zero], [v], name=f"{v}_quantize"))
+        else:  # frame: value_i (int8) -> Reshape... -> DQ -> the attention product
+            tensor = v
+            while len(consumers.get(tensor, [])) == 1 and consumers[tensor][0].op_type == "Reshape":
+                tensor = consumers[tensor][0].output[0]
+                _set_type(g, tensor, onnx.TensorProto.INT8)
+            for reader in consumers[tensor]:
+                reader.input[:] = [f"{tensor}_dq" if i == tensor else i for i in reader.input]
+            first_reader = min(list(g.node).index(r) for r in consumers[tensor])
+            g.node.insert(first_reader, onnx.helper.make_node("DequantizeLinear", [tensor, scale, zero], [f"{tensor}_dq"],
+                                                              name=f"{v}_dequantize"))
+        io = next(t for t in (*g.input, *g.output) if t.name == v)
+        io.type.tensor_type.elem_type = onnx.TensorProto.INT8
+
+
+def _set_type(g: onnx.GraphProto, tensor: str, elem_type: int) -> None:
+    for info in g.value_info:
+        if info.name == tensor:
+            info.type.tensor_type.elem_type = elem_type
+
+
+def _quantize_probabilities(proto: onnx.ModelProto) -> None:
+    """Q/DQ on the attention probabilities where they meet the int8 values: softmax lies in [0, 1], so the scale is
+    1/127 without calibration (ONNX Runtime's preparation makes it uint8 over the same range: 1/255)."""
+    g = proto.graph
+    producer, consumers = graph_links(g)
+    for softmax in [n for n in g.node if n.op_type == "Softmax"]:
+        readers = consumers.get(softmax.output[0], [])
+        if not any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for r in readers for i in r.input):
+            continue  # no int8 partner: the product stays float
+        p = softmax.output[0]
+        scale, zero = _add_scale(g, p, 1 / 127)
+        q = onnx.helper.make_node("QuantizeLinear", [p, scale, zero], [f"{p}_q"], name=f"{softmax.name}_quantize")
+        dq = onnx.helper.make_node("DequantizeLinear", [f"{p}_q", scale, zero], [f"{p}_dq"], name=f"{softmax.name}_dequantize")
+        for r in readers:
+            r.input[:] = [dq.output[0] if i == p else i for i in r.input]
+        at = list(g.node).index(softmax) + 1
+        g.node.insert(at, dq)
+        g.node.insert(at, q)
+
+
+def _add_scale(g: onnx.GraphProto, tensor: str, scale: float) -> tuple[str, str]:
+    """Initializers for a symmetric int8 Q/DQ pair of `tensor`: (scale, zero point 0)."""
+    g.initializer.extend([onnx.numpy_helper.from_array(np.array(scale, np.float32), f"{tensor}_int8_scale"),
+                          onnx.numpy_helper.from_array(np.array(0, np.int8), f"{tensor}_int8_zero_point")])
+    return f"{tensor}_int8_scale", f"{tensor}_int8_zero_point"
 
 
 def _check_qdq(proto: onnx.ModelProto, name: str) -> None:

@@ -100,29 +100,27 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
 
 # --- block attention ------------------------------------------------------------------------------
 # Layouts (M = batch * number of blocks, BB = B*B tokens per block, R = references, C = channels):
-#   queries and attention output [M, BB, C]; keys and values [M, C, R, BB] (keys already divided by the temperature).
-# Per frame only query-sized data is re-laid out, in two moves that ONNX Runtime's Transpose does fast: a plain
-# NCHW -> NHWC transpose (which ORT folds into the Reorder after its blocked convolutions), then swapping block rows
-# with block columns, which moves runs of B*C contiguous values. A single permute straight to blocks moves runs of
-# B values, or single values: 2-6x slower. Both products read their operands as they lie:
-# logits [M, BB, R*BB] = Q K, out [M, BB, C] = softmax(logits) V^T (a transpose ORT fuses into the product).
-# The cache is blocked once per reference set; R keeps a dimension of its own, merging it with BB is free.
-
-def _blocks(x: torch.Tensor, b: int) -> torch.Tensor:
-    """[N, R, C, H, W] -> [M, C, R, BB]."""
-    n, _, c, h, w = x.shape
-    x = x.reshape(n, -1, c, h // b, b, w // b, b).permute(0, 3, 5, 2, 1, 4, 6)
-    return x.reshape(n * (h // b) * (w // b), c, -1, b * b)
-
+#   queries and attention output [M, BB, C]; keys [M, C, R, BB] (already divided by the temperature); values
+#   [M, R, BB, C]. Both products read their operands as they lie: logits [M, BB, R*BB] = Q K, out [M, BB, C] =
+#   softmax(logits) V, with R merged into the token axis by a free reshape. Values are token-major so that the
+#   second product is a plain MatMul, which INT8 graphs run in int8 (ONNX Runtime has no transposed int8 MatMul).
+# Blocks are formed in two moves that ONNX Runtime's Transpose does fast: a plain NCHW -> NHWC transpose (which
+# ORT folds into the Reorder after its blocked convolutions), then swapping block rows with block columns, which
+# moves runs of B*C contiguous values. A single permute straight to blocks moves runs of B values, or single
+# values: 2-6x slower. Per frame only the target's queries are re-laid out; the cache is blocked once per set.
 
 def key_blocks(k: torch.Tensor, b: int) -> torch.Tensor:
     """[N, R, C, H, W] -> [M, C, R, BB]."""
-    return _blocks(k, b)
+    n, _, c, h, w = k.shape
+    x = k.reshape(n, -1, c, h // b, b, w // b, b).permute(0, 3, 5, 2, 1, 4, 6)
+    return x.reshape(n * (h // b) * (w // b), c, -1, b * b)
 
 
 def value_blocks(v: torch.Tensor, b: int) -> torch.Tensor:
-    """[N, R, C, H, W] -> [M, C, R, BB]."""
-    return _blocks(v, b)
+    """[N, R, C, H, W] -> [M, R, BB, C]."""
+    n, _, c, h, w = v.shape
+    x = v.reshape(-1, c, h, w).permute(0, 2, 3, 1).reshape(n, -1, h // b, b, w // b, b * c)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(n * (h // b) * (w // b), -1, b * b, c)
 
 
 def query_blocks(q: torch.Tensor, b: int) -> torch.Tensor:
@@ -144,7 +142,7 @@ def unit(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """softmax(Q K) V per block: queries [M, BB, C]; keys, values [M, C, R, BB] -> [M, BB, C].
+    """softmax(Q K) V per block: queries [M, BB, C]; keys [M, C, R, BB]; values [M, R, BB, C] -> [M, BB, C].
 
     Logits and softmax run in float32 whatever the activations are: they are the numerically
     sensitive step of a half-precision network.
@@ -152,7 +150,7 @@ def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> t
     m, c = keys.shape[:2]
     logits = torch.matmul(cast(queries, torch.float32), cast(keys.reshape(m, c, -1), torch.float32))  # [M, BB, R*BB]
     attn = cast(torch.softmax(logits, dim=-1), values.dtype)
-    return torch.matmul(attn, values.reshape(m, c, -1).transpose(1, 2))
+    return torch.matmul(attn, values.reshape(m, -1, c))
 
 
 def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b: int) -> torch.Tensor:
@@ -166,14 +164,14 @@ def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
 
 @dataclass
 class ReferenceCache:
-    """Per attention level, keys and values [M, C, R, BB]: all a frame needs of the references."""
+    """Per attention level, keys [M, C, R, BB] and values [M, R, BB, C]: all a frame needs of the references."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
     @property
     def num_references(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
+        return self.keys[0].shape[2] if self.keys else 0  # keys [M, C, R, BB]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -4,7 +4,8 @@ The export writes QDQ in TensorRT's form: symmetric int8 activations (zero point
 ONNX Runtime's x86 kernels are u8 x s8 (VNNI), and its Conv fusion wants a Q right after the Conv,
 int32 biases and matching input/output types. So, tensor by tensor, with the same calibrated ranges:
 - an activation that comes out of a Relu becomes uint8 with zero point 0 over the same [0, amax]: 255
-  steps instead of 127, and Relu -> Q is then a clamp ONNX Runtime folds away, leaving Conv -> Q;
+  steps instead of 127, and Relu -> Q is then a clamp ONNX Runtime folds away, leaving Conv -> Q; so do the
+  attention probabilities (a Softmax's output, in [0, 1]);
 - any other activation becomes uint8 with zero point 128 and the same scale (the same grid, shifted);
 - each quantized Conv's float bias becomes int32 at scale x_scale * w_scale, as QLinearConv needs.
 Weights stay int8 per channel. Nothing else changes; the result is checked against FP32 like any build.
@@ -41,12 +42,12 @@ def prepare_for_ort_cpu(proto: onnx.ModelProto) -> onnx.ModelProto:
             continue  # a weight, or no zero point
         zero = value(q.input[2])
         users = consumers.get(q.output[0], [])
-        if zero.dtype != np.int8 or zero.any() or not all(u.op_type == DEQUANTIZE for u in users):
-            continue
-        after_relu = q.input[0] in producer and producer[q.input[0]].op_type == "Relu"
-        scale = value(q.input[1]) * np.float32(127 / 255 if after_relu else 1)
+        if zero.dtype != np.int8 or zero.any() or not users or not all(u.op_type == DEQUANTIZE for u in users):
+            continue  # not symmetric int8, or a graph output (the int8 value cache keeps its contract type)
+        non_negative = q.input[0] in producer and producer[q.input[0]].op_type in ("Relu", "Softmax")
+        scale = value(q.input[1]) * np.float32(127 / 255 if non_negative else 1)
         names = (add(scale.astype(np.float32), f"{q.output[0]}_u8_scale"),
-                 add(np.full(zero.shape, 0 if after_relu else 128, np.uint8), f"{q.output[0]}_u8_zero_point"))
+                 add(np.full(zero.shape, 0 if non_negative else 128, np.uint8), f"{q.output[0]}_u8_zero_point"))
         for n in (q, *users):
             n.input[1], n.input[2] = names
     for conv in [n for n in g.node if n.op_type == "Conv" and len(n.input) > 2 and n.input[2] in inits]:

@@ -80,6 +80,31 @@ def test_int8_graphs_are_tensorrt_qdq(int8_export):
             assert all(a.output[0] == proto.graph.output[0].name for a in adds if a not in summed)
 
 
+def test_the_value_cache_is_int8_with_one_scale_per_level_in_both_graphs(int8_export):
+    """The encoder writes each value_i as int8 through a Q, the frame graph reads it as int8 through a DQ with the
+    same scale; keys stay float32. The cache is then smaller than FP32's by 3/4 of the values."""
+    from gemx.exporter.contract import Contract
+
+    _, result = int8_export
+    export_dir = read_export_dir(result.path)
+    encoder = onnx.load(str(export_dir.graph_path("reference_encoder", "int8")))
+    frame = onnx.load(str(export_dir.graph_path("frame", "int8")))
+    int8, fp32 = onnx.TensorProto.INT8, onnx.TensorProto.FLOAT
+    scales = []
+    for proto, ios, op in ((encoder, encoder.graph.output, "QuantizeLinear"), (frame, frame.graph.input, "DequantizeLinear")):
+        types = {t.name: t.type.tensor_type.elem_type for t in ios}
+        assert {n: t for n, t in types.items() if n.startswith(("key_", "value_"))} == {
+            **{f"key_{i}": fp32 for i in range(3)}, **{f"value_{i}": int8 for i in range(3)}}
+        inits = _initializers(proto)
+        nodes = {n.name: n for n in proto.graph.node}
+        scales.append([float(inits[nodes[f"value_{i}_{op[:-6].lower()}"].input[1]]) for i in range(3)])
+    assert scales[0] == scales[1] and all(s > 0 for s in scales[0])
+    contract = export_dir.contract("int8")
+    assert [s.dtype for s in contract.kv] == ["float32", "int8"] * 3
+    values = sum(np.prod(s.concrete(1)) for s in contract.kv if s.name.startswith("value"))
+    assert contract.kv_bytes(1) == Contract(contract.config).kv_bytes(1) - 3 * values
+
+
 def test_manifest_records_method_source_and_accuracy(int8_export):
     _, result = int8_export
     entry = read_export_dir(result.path).manifest["precisions"]["int8"]
@@ -143,8 +168,8 @@ def test_calibration_input_errors_are_one_line(int8_export, tmp_path):
 
 
 def test_ort_preparation_fuses_every_quantized_conv(int8_export):
-    """The prepared graph runs each int8 Conv as one QLinearConv and each int8 sum as one QLinearAdd, with no float
-    Relu left; its output stays within the INT8 budget of FP32."""
+    """The prepared graph runs each int8 Conv as one QLinearConv, each int8 sum as one QLinearAdd and each product
+    with the int8 values in int8, with no float Relu left."""
     import onnxruntime as ort
 
     _, result = int8_export
@@ -165,6 +190,7 @@ def test_ort_preparation_fuses_every_quantized_conv(int8_export):
     ops = Counter(n.op_type for n in optimized)
     assert ops["QLinearConv"] == quantized and ops["QLinearAdd"] == sums >= 2  # Relu -> Q folded, Conv/Add -> Q fused
     assert ops["Relu"] == 0
+    assert ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] == 3  # probabilities x int8 values, at every level
 
 
 def test_int8_sessions_match_fp32_and_the_cpu_build_is_used(int8_export):
