@@ -5,7 +5,7 @@ and the tests read it, in the spirit of Optimum's `OnnxConfig`. Nothing else in 
 graph input name.
 
 Key/value layout, per attention level i (M = blocks per frame, BB = tokens per block, C = channels):
-    key_i   [M, C, refs, BB]  the temperature already folded in; float32 in every precision, because the
+    key_i   [M, refs, BB, C]  the temperature already folded in; float32 in every precision, because the
                               attention logits are computed in float32
     value_i [M, refs, BB, C]  float32; float16 in FP16 graphs (half the cache); int8 in INT8 graphs (a quarter:
                               symmetric, one calibrated scale per level, held by both graphs)
@@ -69,7 +69,7 @@ class Contract:
         for i in cfg.attention_levels:
             b, c = cfg.block_at(i), cfg.channels[i]
             m = (cfg.level_sizes[i] // b) ** 2
-            specs.append(TensorSpec(f"key_{i}", (m, c, REFS, b * b), "float32"))
+            specs.append(TensorSpec(f"key_{i}", (m, REFS, b * b, c), "float32"))
             specs.append(TensorSpec(f"value_{i}", (m, REFS, b * b, c), value_dtype))
         return tuple(specs)
 

@@ -289,7 +289,8 @@ def _int8_value_cache(proto: onnx.ModelProto, value_ranges: dict[str, tuple[floa
         raise GemxError(f"{name}: the INT8 range table has no range for {missing[0]} (made by an older gemx?); "
                         "calibrate again with --calib VIDEO|DIR")
     for v in names:
-        scale, zero = _add_scale(g, v, max(abs(value_ranges[v][0]), abs(value_ranges[v][1])) / 127)
+        amax = max(abs(value_ranges[v][0]), abs(value_ranges[v][1]), 1e-8)  # an all-zero level still gets a valid scale
+        scale, zero = _add_scale(g, v, amax / 127)
         if v in {o.name for o in g.output}:  # encoder: ... -> Q -> value_i (int8)
             node = producer[v]
             node.output[:] = [f"{v}_float" if o == v else o for o in node.output]
