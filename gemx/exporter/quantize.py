@@ -185,12 +185,13 @@ def fp32_convs(proto: onnx.ModelProto) -> list[str]:
 def feature_sums(proto: onnx.ModelProto) -> list[str]:
     """Adds of two convolution outputs (or of such sums): the decoder's partial convolutions over each input part.
     They are quantized; other Adds (the residual over the bicubic frame) stay FP32."""
-    producer, _ = graph_links(proto.graph)
-    summed = lambda t: t in producer and (producer[t].op_type == "Conv" or producer[t].name in sums)  # noqa: E731
     sums: list[str] = []
+    features = set()  # tensors written by a Conv or by such a sum
     for n in proto.graph.node:  # topological order: a sum's inputs are seen first
-        if n.op_type == "Add" and all(summed(i) for i in n.input):
+        if n.op_type == "Add" and all(i in features for i in n.input):
             sums.append(n.name)
+        if n.op_type == "Conv" or n.name in sums:
+            features.update(n.output)
     return sums
 
 
