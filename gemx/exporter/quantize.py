@@ -158,7 +158,7 @@ def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path,
             raise GemxError(f"the INT8 range table has no range for a tensor of {fp32_path.name} ({str(e).splitlines()[0]}; "
                             "made for another gemx or torch version?); calibrate again with --calib VIDEO|DIR") from None
         proto = onnx.load(str(quantized))
-    _drop_requantization(proto)
+    _quantize_after_relu(proto)
     _int8_value_cache(proto, value_ranges, fp32_path.name)
     _quantize_probabilities(proto)
     _check_qdq(proto, fp32_path.name)
@@ -236,8 +236,9 @@ def graph_links(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict
     return producer, consumers
 
 
-def _drop_requantization(proto: onnx.ModelProto) -> None:
-    """Conv -> Q -> DQ -> Relu becomes Conv -> Relu -> Q -> DQ, and a Q reading the Relu reads the Conv's Q instead.
+def _quantize_after_relu(proto: onnx.ModelProto) -> None:
+    """Conv (or a sum) -> Q -> DQ -> Relu becomes Conv -> Relu -> Q -> DQ; where the Relu is only read by Qs of its
+    own, the pair is dropped (Conv -> Relu -> Q).
 
     ONNX Runtime's quantizer quantizes a Relu's input, which rounds twice where a Relu feeds a Conv, and spends half
     the grid on values the Relu zeroes where it feeds float ops (the decoder's upsampling). A Relu's output has the
