@@ -72,7 +72,19 @@ class Session(ABC):
     def decode(self, target_lr: np.ndarray, kv: Any) -> np.ndarray:
         """One frame against a cache from `encode`."""
         spec = self.contract.frame.inputs[0]
+        self._check_cache(kv)
         return self._decode(self._as_input(target_lr, spec.concrete(1), "target_lr", "[1, 3, h, w]"), kv)
+
+    def _check_cache(self, kv: Any) -> None:
+        """A host cache (name -> array) must be of this session's contract: one made by a session of another
+        precision (an INT8 session's values are int8) is refused in one line, not by the runtime's type error."""
+        if not isinstance(kv, dict):
+            return  # a runtime's own cache object (device buffers, a torch ReferenceCache)
+        for spec in self.contract.kv:
+            value = kv.get(spec.name)
+            if isinstance(value, np.ndarray) and value.dtype != np.dtype(spec.dtype):
+                raise GemxError(f"this {self.contract.precision} session takes {spec.name} as {spec.dtype}, got {value.dtype}: "
+                                "use a cache encoded by a session of the same precision")
 
     def set_references(self, references: np.ndarray) -> None:
         self._kv = self.encode(references)

@@ -211,6 +211,10 @@ def test_int8_sessions_match_fp32_and_the_cpu_build_is_used(int8_export):
         np.testing.assert_allclose(s(target), outs["int8"], atol=1e-5)  # the build is the in-memory preparation, saved
     with pytest.raises(GemxError, match="the torch runtime does not run int8"):
         open_session("torch", result.path, "int8")
+    with open_session("ort", result.path, "fp32") as f, open_session("ort", result.path, "int8") as i:
+        cache = f.encode(refs)  # a cache from a session of another precision is refused in one line
+        with pytest.raises(GemxError, match="this int8 session takes value_0 as int8, got float32"):
+            i.decode(target, cache)
 
 
 def test_build_int8_needs_int8_graphs(tiny_export):
