@@ -285,6 +285,7 @@ def _int8_value_cache(proto: onnx.ModelProto, value_ranges: dict[str, tuple[floa
     that the product runs in int8 and the cache takes a quarter of the memory."""
     g = proto.graph
     producer, consumers = graph_links(g)
+    outputs = {o.name for o in g.output}
     names = [t.name for t in (*g.input, *g.output) if t.name.startswith("value_")]
     missing = [v for v in names if v not in value_ranges]
     if missing:
@@ -293,7 +294,7 @@ def _int8_value_cache(proto: onnx.ModelProto, value_ranges: dict[str, tuple[floa
     for v in names:
         amax = max(abs(value_ranges[v][0]), abs(value_ranges[v][1]), 1e-8)  # an all-zero level still gets a valid scale
         scale, zero = _add_scale(g, v, amax / 127)
-        if v in {o.name for o in g.output}:  # encoder: ... -> Q -> value_i (int8)
+        if v in outputs:  # encoder: ... -> Q -> value_i (int8)
             node = producer[v]
             node.output[:] = [f"{v}_float" if o == v else o for o in node.output]
             g.node.insert(list(g.node).index(node) + 1,

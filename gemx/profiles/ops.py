@@ -38,6 +38,8 @@ def frame_op_breakdown(graph: Path | bytes, feeds: dict[str, np.ndarray], runs: 
     """Kernel time per frame by op type of the frame graph at `graph`, fed `feeds`, over `runs` timed calls."""
     import onnxruntime as ort
 
+    from gemx.runtimes.ort_session import ort_source
+
     with tempfile.TemporaryDirectory(prefix="gemx-ops-") as tmp:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -45,7 +47,7 @@ def frame_op_breakdown(graph: Path | bytes, feeds: dict[str, np.ndarray], runs: 
             opts.intra_op_num_threads = threads
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "frame")
-        session = ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(ort_source(graph), opts, providers=["CPUExecutionProvider"])
         for _ in range(warmup + runs):
             session.run(None, feeds)
         trace = json.loads(Path(session.end_profiling()).read_text())

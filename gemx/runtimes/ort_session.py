@@ -38,6 +38,11 @@ def _providers(provider: str, graph: GraphSpec, cache: Path, refs_opt: int, refs
     }), PROVIDERS["cuda"], PROVIDERS["cpu"]]
 
 
+def ort_source(graph: Path | str | bytes) -> str | bytes:
+    """What `InferenceSession` takes for a graph: a serialized graph as it is, a path as a string."""
+    return graph if isinstance(graph, bytes) else str(graph)
+
+
 class OrtSession(Session):
     def __init__(self, export: ExportDir, provider: str = "cpu", precision: str = "fp32", threads: int | None = None,
                  refs_opt: int = 5, graphs: dict[str, Path | str | bytes] | None = None):
@@ -57,7 +62,7 @@ class OrtSession(Session):
         self.frame_graph = graphs["frame"]  # what runs per frame (a path or a serialized graph, for op-level profiling)
         cache = export.path / "ort_trt_cache"
         self.encoder, self.frame = (
-            ort.InferenceSession(graphs[spec.name] if isinstance(graphs[spec.name], bytes) else str(graphs[spec.name]), opts,
+            ort.InferenceSession(ort_source(graphs[spec.name]), opts,
                                  providers=_providers(provider, spec, cache, refs_opt, export.max_refs))
             for spec in self.contract.graphs
         )
