@@ -193,6 +193,32 @@ def test_ort_preparation_fuses_every_quantized_conv(int8_export):
     assert ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] == 3  # probabilities x int8 values, at every level
 
 
+def test_ort_preparation_pads_short_convolutions_without_changing_an_output_bit(int8_export, monkeypatch):
+    """The RGB head (3 output channels) runs as a 16-channel int8 Conv sliced back, and computes exactly what the
+    3-channel Conv computes."""
+    import onnxruntime as ort
+
+    from gemx.runtimes import ort_int8
+
+    _, result = int8_export
+    export_dir = read_export_dir(result.path)
+    proto = onnx.load(str(export_dir.graph_path("frame", "int8")))
+    kv = open_session("ort", result.path, "int8").encode(frames(2, 64, seed=4).numpy())
+    feeds = {"target_lr": frames(1, 16, seed=5).numpy(), **kv}
+    outs = []
+    for block in (ort_int8.CONV_CHANNEL_BLOCK, 1):  # 1: no Conv is padded
+        monkeypatch.setattr(ort_int8, "CONV_CHANNEL_BLOCK", block)
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(result.path.parent / f"optimized{block}.onnx")
+        session = ort.InferenceSession(prepare_for_ort_cpu(proto).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        outs.append(session.run(["frame_hr"], feeds)[0])
+        optimized = onnx.load(opts.optimized_model_filepath).graph
+        weights = _initializers(onnx.load(opts.optimized_model_filepath))
+        channels = [weights[n.input[3]].shape[0] for n in optimized.node if n.op_type == "QLinearConv"]
+        assert 3 in channels if block == 1 else all(c % block == 0 for c in channels), channels
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_int8_sessions_match_fp32_and_the_cpu_build_is_used(int8_export):
     _, result = int8_export
     refs, target = frames(3, 64, seed=2).numpy(), frames(1, 16, seed=3).numpy()
