@@ -224,6 +224,22 @@ def test_a_hand_raised_reference_limit_is_refused(own_export):
         open_session("ort", own_export)
 
 
+def test_an_export_with_another_cache_layout_is_refused_in_one_line(own_export):
+    """An export by a gemx that laid the reference cache out differently (keys token-major, before this release) is
+    refused by name instead of failing inside a runtime."""
+    from gemx.exporter.manifest import content_sha256
+
+    m = json.loads((own_export / MANIFEST).read_text())
+    key = next(s for s in m["precisions"]["fp32"]["graphs"]["frame"]["inputs"] if s["name"] == "key_0")
+    m_, c, refs, bb = key["shape"]
+    key["shape"] = [m_, refs, bb, c]
+    m["content_sha256"] = content_sha256(m)
+    (own_export / MANIFEST).write_text(json.dumps(m))
+    res = CliRunner().invoke(app, ["build", str(own_export)])
+    assert res.exit_code == 1 and "exported by an older gemx" in res.output and "gemx export --force" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
 # -- 3. bad values stop at the boundary ----------------------------------------------------------------------
 @pytest.mark.parametrize("change, message", [
     (lambda p: p["config"].update(block_size=0), "block_size must be a positive integer"),

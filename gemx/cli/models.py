@@ -87,8 +87,7 @@ def render_export(result) -> None:
     if "int8" in result.parity:
         q = result.manifest["precisions"]["int8"]["quantization"]
         console.print(f"[dim]INT8: {q['method']}, calibrated on {q['calibration']['frames']} frames of "
-                      f"{lit(q['calibration']['source'])}; kept in FP32: the convolutions that read RGB, the attention "
-                      "logits and softmax.[/]")
+                      f"{lit(q['calibration']['source'])}; kept in FP32: the convolutions that read RGB, the softmax.[/]")
     trt = Table(title=f"TensorRT parser compatibility (op table of TensorRT {result.trt[0].tensorrt_version})")
     for col in ("graph", "ops", "verdict"):
         trt.add_column(col)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from gemx.errors import GemxError
 from gemx.exporter.export import ExportOptions, export
-from gemx.exporter.manifest import GRAPHS_REVISION, read_export_dir
+from gemx.exporter.manifest import GRAPHS_REVISION, MANIFEST, read_export_dir
+from gemx.fs import json_field
 from gemx.model.checkpoint import Checkpoint
 
 
@@ -29,13 +30,14 @@ def cached_export(ckpt: Checkpoint, block_size: int, max_refs: int, precisions: 
         extra += "-" + hashlib.sha256("|".join(str(Path(c).resolve()) for c in calib).encode()).hexdigest()[:8]
     out = (cache_dir or default_cache_dir()) / f"{ckpt.path.stem}-{digest}-b{block_size}-r{max_refs}{extra}"
     if out.exists():
-        try:
-            manifest = read_export_dir(out).manifest  # verified like any export: a damaged cache entry is made again
-            if manifest.get("graphs_revision") == GRAPHS_REVISION:
-                return out, False
+        if json_field(out / MANIFEST, "graphs_revision") != GRAPHS_REVISION:
             progress("re-exporting: the cached export was made by an older gemx")
-        except GemxError as e:
-            progress(f"re-exporting: the cached export was damaged ({e})")
+        else:
+            try:
+                read_export_dir(out)  # verified like any export: a damaged cache entry is made again
+                return out, False
+            except GemxError as e:
+                progress(f"re-exporting: the cached export was damaged ({e})")
         shutil.rmtree(out)  # gemx's own cache entry, named by the checkpoint's hash
     progress(f"exporting block size {block_size} (cached for next time in {out.parent})")
     export(ckpt.path, ExportOptions(out=out, block_size=block_size, max_refs=max(max_refs, 2), fp16=fp16, force=True,

@@ -161,8 +161,8 @@ def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, 
         table = calibrate(folded, contract, calib, checkpoint_sha, progress) if isinstance(calib, list) else calib
         progress("quantizing graphs to INT8 (QDQ)")
         paths = tuple(out / spec.file("int8") for spec in contract.graphs)
-        values = table.graphs["reference_encoder"]  # the value cache's ranges: both graphs use the same scales
-        protos = [quantize(src, table.graphs[spec.name], dst, values)
+        cache = table.graphs["reference_encoder"]  # the keys' and values' ranges: both graphs use the same scales
+        protos = [quantize(src, table.graphs[spec.name], dst, cache)
                   for spec, src, dst in zip(contract.graphs, folded, paths, strict=True)]
     table.save(out / RANGES_FILE)
     kept_fp32 = {spec.name: fp32_convs(proto) for spec, proto in zip(contract.graphs, protos, strict=True)}

@@ -19,7 +19,7 @@ FORMAT = "gemx-export"
 VERSION = 1
 # What gemx writes for the same checkpoint and options; bumped whenever the graphs change (block layout,
 # quantization), so that an export cached by an older gemx is made again instead of measured as if current.
-GRAPHS_REVISION = 4
+GRAPHS_REVISION = 5
 MANIFEST = "manifest.json"
 
 
@@ -117,6 +117,10 @@ def read_export_dir(path: Path, verify: bool = True) -> ExportDir:
                         "re-run `gemx export --force`")
     _check_fields(manifest, mpath)
     export = ExportDir(path, manifest)
+    for precision, entry in manifest["precisions"].items():
+        if entry["graphs"]["frame"].get("inputs") != [s.to_dict() for s in export.contract(precision).frame.inputs]:
+            raise GemxError(f"{path} was exported by an older gemx: its {precision} graphs lay out the reference cache "
+                            "differently from this gemx's; re-run `gemx export --force`")
     if verify:
         for precision, entry in manifest["precisions"].items():
             for graph in entry["graphs"].values():

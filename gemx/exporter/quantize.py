@@ -8,7 +8,9 @@ symmetric int8 weights, float biases. Quantized: every Conv, and the decoder's s
 channels or fewer: the bicubic upsampler, the first layer of each encoder) stay FP32: a symmetric int8 grid over a
 frame's [-0.1, 1.1] is coarser than its 8-bit pixels (small_x4: 51 dB against FP32 with them quantized, 57 dB
 without). The decoder's last convolution, which writes RGB from features, is quantized (-0.7 dB against FP32,
-0.7 ms less per frame). Attention (MatMul, Softmax) and the residual over the bicubic frame stay FP32.
+0.7 ms less per frame). Attention: keys and values are cached in int8 (one calibrated scale per level); both of
+its products run in int8, their other operands at fixed scales (queries are unit vectors, probabilities lie in
+[0, 1]); the softmax and the residual over the bicubic frame stay FP32.
 
 A shipped checkpoint carries its table next to it (`NAME.int8.json`), so `gemx export --int8` needs no video;
 any other checkpoint calibrates on `--calib VIDEO|DIR`, and the export keeps the table it used.
@@ -106,7 +108,7 @@ def calibration_videos(paths: list[Path]) -> list[Path]:
 def calibrate(fp32_paths: tuple[Path, Path], contract: Contract, videos: list[Path], checkpoint_sha256: str,
               progress=lambda msg: None) -> RangeTable:
     """Run the (constant-folded) FP32 graphs over frames of `videos` and keep the range of every quantized op's
-    input and output, and of the value cache the encoder writes.
+    input and output, and of the keys and values the encoder writes.
 
     Frame-graph samples: CALIB_FRAMES targets spread over the videos, each attending to 1 or 2 other frames
     of its own video; encoder samples: those reference sets."""
@@ -115,7 +117,7 @@ def calibrate(fp32_paths: tuple[Path, Path], contract: Contract, videos: list[Pa
     encoder_feeds, frame_feeds = [], []
     encoder = ort_session(fp32_paths[0])
     kv_names = [s.name for s in contract.kv]
-    values = {s.name: 0.0 for s in contract.kv if s.name.startswith("value")}
+    cache_amax = {s.name: 0.0 for s in contract.kv}
     for video in videos:
         progress(f"reading calibration frames of {video.name}")
         frames = cached_frames(video, cfg.size)
@@ -130,20 +132,20 @@ def calibrate(fp32_paths: tuple[Path, Path], contract: Contract, videos: list[Pa
                 encoder_feeds.append({"references": refs})
             kv = dict(zip(kv_names, encoder.run(kv_names, {"references": refs}), strict=True))
             frame_feeds.append({"target_lr": target[None], **kv})
-            values = {name: max(amax, float(np.abs(kv[name]).max())) for name, amax in values.items()}
+            cache_amax = {name: max(amax, float(np.abs(kv[name]).max())) for name, amax in cache_amax.items()}
     graphs = {}
     for spec, path, feeds in zip(contract.graphs, fp32_paths, (encoder_feeds, frame_feeds), strict=True):
         progress(f"calibrating {spec.name} on {len(feeds)} samples")
         graphs[spec.name] = _calibrated_ranges(path, feeds)
-    graphs["reference_encoder"].update({name: (-amax, amax) for name, amax in values.items()})
+    graphs["reference_encoder"].update({name: (-amax, amax) for name, amax in cache_amax.items()})
     source = f"{len(videos)} video{'s' if len(videos) > 1 else ''}: {', '.join(v.name for v in videos)}"
     return RangeTable(checkpoint_sha256, cfg.block_size, source, len(frame_feeds), graphs)
 
 
 def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path,
-             value_ranges: dict[str, tuple[float, float]]) -> onnx.ModelProto:
-    """The QDQ INT8 graph of one (constant-folded) FP32 graph from its calibrated ranges; `value_ranges`: the
-    value cache's, which the encoder graph quantizes and the frame graph dequantizes with the same scales."""
+             cache_ranges: dict[str, tuple[float, float]]) -> onnx.ModelProto:
+    """The QDQ INT8 graph of one (constant-folded) FP32 graph from its calibrated ranges; `cache_ranges`: the
+    keys' and values', which the encoder graph quantizes and the frame graph dequantizes with the same scales."""
     from onnxruntime.quantization import CalibrationMethod, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
@@ -159,7 +161,8 @@ def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path,
                             "made for another gemx or torch version?); calibrate again with --calib VIDEO|DIR") from None
         proto = onnx.load(str(quantized))
     _quantize_after_relu(proto)
-    _int8_value_cache(proto, value_ranges, fp32_path.name)
+    _int8_cache(proto, cache_ranges, fp32_path.name)
+    _quantize_queries(proto)
     _quantize_probabilities(proto)
     _check_qdq(proto, fp32_path.name)
     atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)))
@@ -279,27 +282,27 @@ def _quantize_after_relu(proto: onnx.ModelProto) -> None:
         g.initializer.remove(init)
 
 
-def _int8_value_cache(proto: onnx.ModelProto, value_ranges: dict[str, tuple[float, float]], name: str) -> None:
-    """The value cache in int8 (symmetric, one scale per level): the encoder ends each value output with a Q, the
-    frame graph reads each as int8 and dequantizes it where the attention product reads it (after free reshapes), so
-    that the product runs in int8 and the cache takes a quarter of the memory."""
+def _int8_cache(proto: onnx.ModelProto, cache_ranges: dict[str, tuple[float, float]], name: str) -> None:
+    """Keys and values in int8 (symmetric, one scale per level): the encoder ends each key and value output with a
+    Q, the frame graph reads each as int8 and dequantizes it where the attention products read it (after free
+    reshapes), so that both products run in int8 and the cache takes a quarter of the memory."""
     g = proto.graph
     producer, consumers = graph_links(g)
     outputs = {o.name for o in g.output}
-    names = [t.name for t in (*g.input, *g.output) if t.name.startswith("value_")]
-    missing = [v for v in names if v not in value_ranges]
+    names = [t.name for t in (*g.input, *g.output) if t.name.startswith(("key_", "value_"))]
+    missing = [v for v in names if v not in cache_ranges]
     if missing:
         raise GemxError(f"{name}: the INT8 range table has no range for {missing[0]} (made by an older gemx?); "
                         "calibrate again with --calib VIDEO|DIR")
     for v in names:
-        amax = max(abs(value_ranges[v][0]), abs(value_ranges[v][1]), 1e-8)  # an all-zero level still gets a valid scale
+        amax = max(abs(cache_ranges[v][0]), abs(cache_ranges[v][1]), 1e-8)  # an all-zero level still gets a valid scale
         scale, zero = _add_scale(g, v, amax / 127)
         if v in outputs:  # encoder: ... -> Q -> value_i (int8)
             node = producer[v]
             node.output[:] = [f"{v}_float" if o == v else o for o in node.output]
             g.node.insert(list(g.node).index(node) + 1,
                           onnx.helper.make_node("QuantizeLinear", [f"{v}_float", scale, zero], [v], name=f"{v}_quantize"))
-        else:  # frame: value_i (int8) -> Reshape... -> DQ -> the attention product
+        else:  # frame: key_i / value_i (int8) -> Reshape... -> DQ -> the attention product
             tensor = v
             while len(consumers.get(tensor, [])) == 1 and consumers[tensor][0].op_type == "Reshape":
                 tensor = consumers[tensor][0].output[0]
@@ -317,6 +320,23 @@ def _set_type(g: onnx.GraphProto, tensor: str, elem_type: int) -> None:
     for info in g.value_info:
         if info.name == tensor:
             info.type.tensor_type.elem_type = elem_type
+
+
+def _quantize_queries(proto: onnx.ModelProto) -> None:
+    """Q/DQ on the queries where they meet the int8 keys: queries are unit vectors (every component in [-1, 1]), so
+    the scale is 1/127 without calibration, and the logits run as an int8 product with float output."""
+    g = proto.graph
+    producer, _ = graph_links(g)
+    for matmul in [n for n in g.node if n.op_type == "MatMul"]:
+        keys = producer.get(matmul.input[1])
+        if keys is None or keys.op_type != "DequantizeLinear" or not keys.name.startswith("key_"):
+            continue
+        q = matmul.input[0]
+        scale, zero = _add_scale(g, q, 1 / 127)
+        at = list(g.node).index(matmul)
+        g.node.insert(at, onnx.helper.make_node("DequantizeLinear", [f"{q}_q", scale, zero], [f"{q}_dq"], name=f"{q}_dequantize"))
+        g.node.insert(at, onnx.helper.make_node("QuantizeLinear", [q, scale, zero], [f"{q}_q"], name=f"{q}_quantize"))
+        matmul.input[0] = f"{q}_dq"
 
 
 def _quantize_probabilities(proto: onnx.ModelProto) -> None:

@@ -100,20 +100,28 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
 
 # --- block attention ------------------------------------------------------------------------------
 # Layouts (M = batch * number of blocks, BB = B*B tokens per block, R = references, C = channels):
-#   queries and attention output [M, BB, C]; keys (already divided by the temperature) and values [M, R, BB, C].
-# Everything is token-major with channels last: logits [M, BB, R*BB] = Q K^T (a transpose every runtime fuses into
-# the product), out [M, BB, C] = softmax(logits) V, a plain MatMul that INT8 graphs run in int8 (ONNX Runtime has
-# no transposed int8 MatMul). R merges into the token axis by a free reshape.
+#   queries and attention output [M, BB, C]; values [M, R, BB, C]; keys (already divided by the temperature)
+#   [M, C, R, BB]. Logits [M, BB, R*BB] = Q K and out [M, BB, C] = softmax(logits) V are both plain MatMuls (R
+# merges into the token axis by a free reshape), the form every runtime runs in int8: ONNX Runtime has no
+# transposed int8 MatMul. Keys are channel-major because they are the product's right-hand side; the encoder lays
+# them out once per reference set.
 # Blocks are formed in two moves that ONNX Runtime's Transpose does fast: a plain NCHW -> NHWC transpose (which
 # ORT folds into the Reorder after its blocked convolutions), then swapping block rows with block columns, which
 # moves runs of B*C contiguous values. A single permute straight to blocks moves runs of B values, or single
 # values: 2-6x slower. Per frame only the target's queries are re-laid out; the cache is blocked once per set.
 
 def reference_blocks(x: torch.Tensor, b: int) -> torch.Tensor:
-    """Keys or values [N, R, C, H, W] -> [M, R, BB, C]."""
+    """Values [N, R, C, H, W] -> [M, R, BB, C]."""
     n, _, c, h, w = x.shape
     x = x.reshape(-1, c, h, w).permute(0, 2, 3, 1).reshape(n, -1, h // b, b, w // b, b * c)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(n * (h // b) * (w // b), -1, b * b, c)
+
+
+def key_blocks(x: torch.Tensor, b: int) -> torch.Tensor:
+    """Keys [N, R, C, H, W] -> [M, C, R, BB]."""
+    n, r, c, h, w = x.shape
+    x = x.reshape(n, r, c, h // b, b, w // b, b).permute(0, 3, 5, 2, 1, 4, 6)
+    return x.reshape(n * (h // b) * (w // b), c, r, b * b)
 
 
 def query_blocks(q: torch.Tensor, b: int) -> torch.Tensor:
@@ -135,14 +143,13 @@ def unit(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """softmax(Q K^T) V per block: queries [M, BB, C]; keys, values [M, R, BB, C] -> [M, BB, C].
+    """softmax(Q K) V per block: queries [M, BB, C]; keys [M, C, R, BB]; values [M, R, BB, C] -> [M, BB, C].
 
     Logits and softmax run in float32 whatever the activations are: they are the numerically
     sensitive step of a half-precision network.
     """
-    m, c = keys.shape[0], keys.shape[-1]
-    keys = cast(keys.reshape(m, -1, c), torch.float32)
-    logits = torch.matmul(cast(queries, torch.float32), keys.transpose(1, 2))  # [M, BB, R*BB]
+    m, c = keys.shape[:2]
+    logits = torch.matmul(cast(queries, torch.float32), cast(keys.reshape(m, c, -1), torch.float32))  # [M, BB, R*BB]
     attn = cast(torch.softmax(logits, dim=-1), values.dtype)
     return torch.matmul(attn, values.reshape(m, -1, c))
 
@@ -158,14 +165,14 @@ def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
 
 @dataclass
 class ReferenceCache:
-    """Per attention level, keys and values [M, R, BB, C]: all a frame needs of the references."""
+    """Per attention level, keys [M, C, R, BB] and values [M, R, BB, C]: all a frame needs of the references."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
     @property
     def num_references(self) -> int:
-        return self.keys[0].shape[1] if self.keys else 0
+        return self.values[0].shape[1] if self.values else 0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -224,7 +231,7 @@ class GeminoAttention(nn.Module):
         for j, i in enumerate(levels):
             b = self.config.block_at(i)
             k = F.normalize(cast(keys[i], torch.float32), dim=1) * torch.exp(-cast(self.log_temperature[j], torch.float32))
-            cache.keys.append(reference_blocks(k.reshape(n, r, *k.shape[1:]), b))
+            cache.keys.append(key_blocks(k.reshape(n, r, *k.shape[1:]), b))
             cache.values.append(reference_blocks(values[i].reshape(n, r, *values[i].shape[1:]), b))
         return cache
 

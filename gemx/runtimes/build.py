@@ -91,7 +91,7 @@ def _claim(out: Path, force: bool) -> None:
 def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResult:
     import onnxruntime as ort
 
-    from gemx.runtimes.ort_int8 import ort_cpu_graph
+    from gemx.runtimes.ort_int8 import PREPARATION_REVISION, ort_cpu_graph
 
     precision = opts.precision
     out = export.path / ort_cpu_dir(precision)
@@ -115,7 +115,9 @@ def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResul
             "optimization_level": "extended",
         }
         if precision == "int8":
-            record["prepared"] = "uint8 activations, int32 biases for ONNX Runtime's x86 kernels (gemx.runtimes.ort_int8)"
+            record["prepared"] = ("uint8 activations, int32 biases, output channels in blocks of 16 for ONNX Runtime's x86 "
+                                  "kernels (gemx.runtimes.ort_int8)")
+            record["preparation_revision"] = PREPARATION_REVISION
         write_record(tmp, record)
     result = BuildResult("ort-cpu", out, record)
     progress("accuracy gate")

@@ -26,6 +26,7 @@ from onnx import numpy_helper
 from gemx.exporter.quantize import graph_links
 
 QUANTIZE, DEQUANTIZE = "QuantizeLinear", "DequantizeLinear"
+PREPARATION_REVISION = 2  # bumped with each change to what prepare_for_ort_cpu writes; older builds are not used
 CONV_CHANNEL_BLOCK = 16  # output channels MLAS's int8 convolution kernels compute at once
 
 

@@ -98,13 +98,15 @@ def open_session(runtime: str, export_path: Path, precision: str = "fp32", threa
 
 
 def _ort_cpu_build(export, precision: str) -> dict[str, Path] | None:
-    """The ORT-optimized CPU graphs from `gemx build`, when present and built from these exact graphs.
+    """The ORT-optimized CPU graphs from `gemx build`, when present and built from these exact graphs (for INT8,
+    prepared by this gemx's preparation: an older build is passed over for the preparation done in memory).
 
     The export's files were just verified against the manifest's sha256, so the manifest is the reference;
     the optimized graphs are verified against their build record.
     """
     from gemx.runtimes.build import ort_cpu_dir
     from gemx.runtimes.build_record import RECORD, read_record
+    from gemx.runtimes.ort_int8 import PREPARATION_REVISION
 
     path = export.path / ort_cpu_dir(precision)
     if precision not in export.precisions or not (path / RECORD).exists():
@@ -112,6 +114,8 @@ def _ort_cpu_build(export, precision: str) -> dict[str, Path] | None:
     record = read_record(path, export)
     built_from = export.manifest["precisions"][precision]["graphs"]
     if any(built_from[g]["sha256"] != sha for g, sha in record["onnx_sha256"].items()):
+        return None
+    if precision == "int8" and record.get("preparation_revision") != PREPARATION_REVISION:
         return None
     return {g: path / f for g, f in record["graphs"].items()}
 

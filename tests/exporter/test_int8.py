@@ -80,29 +80,40 @@ def test_int8_graphs_are_tensorrt_qdq(int8_export):
             assert all(a.output[0] == proto.graph.output[0].name for a in adds if a not in summed)
 
 
-def test_the_value_cache_is_int8_with_one_scale_per_level_in_both_graphs(int8_export):
-    """The encoder writes each value_i as int8 through a Q, the frame graph reads it as int8 through a DQ with the
-    same scale; keys stay float32. The cache is then smaller than FP32's by 3/4 of the values."""
+def test_the_cache_is_int8_with_one_scale_per_tensor_and_level_in_both_graphs(int8_export):
+    """The encoder writes each key_i and value_i as int8 through a Q, the frame graph reads it as int8 through a DQ
+    with the same scale. The cache is then a quarter of FP32's."""
     from gemx.exporter.contract import Contract
 
     _, result = int8_export
     export_dir = read_export_dir(result.path)
     encoder = onnx.load(str(export_dir.graph_path("reference_encoder", "int8")))
     frame = onnx.load(str(export_dir.graph_path("frame", "int8")))
-    int8, fp32 = onnx.TensorProto.INT8, onnx.TensorProto.FLOAT
+    names = [f"{kind}_{i}" for i in range(3) for kind in ("key", "value")]
     scales = []
     for proto, ios, op in ((encoder, encoder.graph.output, "QuantizeLinear"), (frame, frame.graph.input, "DequantizeLinear")):
         types = {t.name: t.type.tensor_type.elem_type for t in ios}
-        assert {n: t for n, t in types.items() if n.startswith(("key_", "value_"))} == {
-            **{f"key_{i}": fp32 for i in range(3)}, **{f"value_{i}": int8 for i in range(3)}}
+        assert {n: t for n, t in types.items() if n.startswith(("key_", "value_"))} == dict.fromkeys(names, onnx.TensorProto.INT8)
         inits = _initializers(proto)
         nodes = {n.name: n for n in proto.graph.node}
-        scales.append([float(inits[nodes[f"value_{i}_{op[:-6].lower()}"].input[1]]) for i in range(3)])
+        scales.append([float(inits[nodes[f"{name}_{op[:-6].lower()}"].input[1]]) for name in names])
     assert scales[0] == scales[1] and all(s > 0 for s in scales[0])
     contract = export_dir.contract("int8")
-    assert [s.dtype for s in contract.kv] == ["float32", "int8"] * 3
-    values = sum(np.prod(s.concrete(1)) for s in contract.kv if s.name.startswith("value"))
-    assert contract.kv_bytes(1) == Contract(contract.config).kv_bytes(1) - 3 * values
+    assert [s.dtype for s in contract.kv] == ["int8"] * 6
+    assert 4 * contract.kv_bytes(1) == Contract(contract.config).kv_bytes(1)
+
+
+def test_the_logits_read_int8_keys_and_queries_at_the_unit_vector_scale(int8_export):
+    """Each level's logits product reads the dequantized int8 keys and queries quantized at 1/127 (unit vectors)."""
+    _, result = int8_export
+    frame = onnx.load(str(read_export_dir(result.path).graph_path("frame", "int8")))
+    inits = _initializers(frame)
+    producer = {o: n for n in frame.graph.node for o in n.output}
+    logits = [n for n in frame.graph.node if n.op_type == "MatMul" and producer[n.input[1]].name.startswith("key_")]
+    assert len(logits) == 3
+    for matmul in logits:
+        queries = producer[matmul.input[0]]
+        assert queries.op_type == "DequantizeLinear" and float(inits[queries.input[1]]) == np.float32(1 / 127)
 
 
 def test_manifest_records_method_source_and_accuracy(int8_export):
@@ -190,7 +201,8 @@ def test_ort_preparation_fuses_every_quantized_conv(int8_export):
     ops = Counter(n.op_type for n in optimized)
     assert ops["QLinearConv"] == quantized and ops["QLinearAdd"] == sums >= 2  # Relu -> Q folded, Conv/Add -> Q fused
     assert ops["Relu"] == 0
-    assert ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] == 3  # probabilities x int8 values, at every level
+    assert ops["QLinearMatMul"] == 3  # probabilities x int8 values, at every level
+    assert ops["MatMulIntegerToFloat"] == 3  # queries x int8 keys, float logits
 
 
 def test_ort_preparation_pads_short_convolutions_without_changing_an_output_bit(int8_export, monkeypatch):
@@ -235,11 +247,19 @@ def test_int8_sessions_match_fp32_and_the_cpu_build_is_used(int8_export):
         assert s.frame_graph == built.path / "frame.onnx"
         s.set_references(refs)
         np.testing.assert_allclose(s(target), outs["int8"], atol=1e-5)  # the build is the in-memory preparation, saved
+    record_path = built.path / "build.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "preparation_revision": record["preparation_revision"] - 1}))
+    with open_session("ort", result.path, "int8") as s:  # a build by an older gemx's preparation is passed over
+        assert isinstance(s.frame_graph, bytes)
+        s.set_references(refs)
+        np.testing.assert_allclose(s(target), outs["int8"], atol=1e-5)
+    record_path.write_text(json.dumps(record))
     with pytest.raises(GemxError, match="the torch runtime does not run int8"):
         open_session("torch", result.path, "int8")
     with open_session("ort", result.path, "fp32") as f, open_session("ort", result.path, "int8") as i:
         cache = f.encode(refs)  # a cache from a session of another precision is refused in one line
-        with pytest.raises(GemxError, match="this int8 session takes value_0 as int8, got float32"):
+        with pytest.raises(GemxError, match="this int8 session takes key_0 as int8, got float32"):
             i.decode(target, cache)
 
 
