@@ -6,8 +6,10 @@ graph input name.
 
 Key/value layout, per attention level i (M = blocks per frame, BB = tokens per block, C = channels):
     key_i   [M, C, refs, BB]  unit vectors over C divided by the temperature; channel-major, the right-hand side
-                              of the logits product; float32, and int8 in INT8 graphs (symmetric, one calibrated
-                              scale per level: the logits then run as an int8 product with float output)
+                              of the logits product; float32, and in INT8 graphs int8 where C >= 64 (symmetric,
+                              one calibrated scale per level: the logits then run as an int8 product with float
+                              output; a shallower product is bound by writing its output, and on ONNX Runtime's
+                              x86 kernels slower in int8 than in float)
     value_i [M, refs, BB, C]  float32; float16 in FP16 graphs (half the cache); int8 in INT8 graphs (a quarter:
                               symmetric, one calibrated scale per level, held by both graphs)
 Both keep `refs` in a dimension of its own, beside BB: the frame graph merges the two by a free reshape, so per
@@ -23,6 +25,7 @@ from gemx.model.config import ModelConfig
 
 REFS = "refs"
 PRECISIONS = ("fp32", "fp16", "int8")  # int8: QDQ graphs with float frames in and out, an int8 reference cache
+INT8_KEY_MIN_CHANNELS = 64  # keys of fewer channels stay float32 in the INT8 contract (see the layout above)
 
 
 @dataclass(frozen=True)
@@ -66,11 +69,11 @@ class Contract:
     def kv(self) -> tuple[TensorSpec, ...]:
         """Key and value specs, interleaved per level: key_i, value_i, ..."""
         cfg, specs = self.config, []
-        key_dtype = "int8" if self.precision == "int8" else "float32"
         value_dtype = {"fp16": "float16", "int8": "int8"}.get(self.precision, "float32")
         for i in cfg.attention_levels:
             b, c = cfg.block_at(i), cfg.channels[i]
             m = (cfg.level_sizes[i] // b) ** 2
+            key_dtype = "int8" if self.precision == "int8" and c >= INT8_KEY_MIN_CHANNELS else "float32"
             specs.append(TensorSpec(f"key_{i}", (m, c, REFS, b * b), key_dtype))
             specs.append(TensorSpec(f"value_{i}", (m, REFS, b * b, c), value_dtype))
         return tuple(specs)

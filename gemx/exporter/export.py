@@ -161,8 +161,7 @@ def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, 
         table = calibrate(folded, contract, calib, checkpoint_sha, progress) if isinstance(calib, list) else calib
         progress("quantizing graphs to INT8 (QDQ)")
         paths = tuple(out / spec.file("int8") for spec in contract.graphs)
-        cache = table.graphs["reference_encoder"]  # the keys' and values' ranges: both graphs use the same scales
-        protos = [quantize(src, table.graphs[spec.name], dst, cache)
+        protos = [quantize(src, table.graphs[spec.name], dst, _int8_cache_ranges(table, contract))
                   for spec, src, dst in zip(contract.graphs, folded, paths, strict=True)]
     table.save(out / RANGES_FILE)
     kept_fp32 = {spec.name: fp32_convs(proto) for spec, proto in zip(contract.graphs, protos, strict=True)}
@@ -188,6 +187,17 @@ def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, 
                             "shipped": not isinstance(calib, list)},
         },
     }
+
+
+def _int8_cache_ranges(table: RangeTable, contract: Contract) -> dict[str, tuple[float, float]]:
+    """The calibrated ranges of the cache tensors the INT8 contract holds in int8: both graphs use the same scales."""
+    ranges = table.graphs["reference_encoder"]
+    names = [s.name for s in Contract(contract.config, "int8").kv if s.dtype == "int8"]
+    missing = [n for n in names if n not in ranges]
+    if missing:
+        raise GemxError(f"the INT8 range table has no range for {missing[0]} (made by an older gemx?); "
+                        "calibrate again with --calib VIDEO|DIR")
+    return {n: ranges[n] for n in names}
 
 
 def _export_pair(model: GeminoAttention, contract: Contract, out: Path, opts: ExportOptions,

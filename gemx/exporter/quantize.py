@@ -144,8 +144,8 @@ def calibrate(fp32_paths: tuple[Path, Path], contract: Contract, videos: list[Pa
 
 def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path,
              cache_ranges: dict[str, tuple[float, float]]) -> onnx.ModelProto:
-    """The QDQ INT8 graph of one (constant-folded) FP32 graph from its calibrated ranges; `cache_ranges`: the
-    keys' and values', which the encoder graph quantizes and the frame graph dequantizes with the same scales."""
+    """The QDQ INT8 graph of one (constant-folded) FP32 graph from its calibrated ranges; `cache_ranges`: those of
+    the cache tensors held in int8, which the encoder graph quantizes and the frame graph dequantizes alike."""
     from onnxruntime.quantization import CalibrationMethod, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
@@ -161,7 +161,7 @@ def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path,
                             "made for another gemx or torch version?); calibrate again with --calib VIDEO|DIR") from None
         proto = onnx.load(str(quantized))
     _quantize_after_relu(proto)
-    _int8_cache(proto, cache_ranges, fp32_path.name)
+    _int8_cache(proto, cache_ranges)
     _quantize_queries(proto)
     _quantize_probabilities(proto)
     _check_qdq(proto, fp32_path.name)
@@ -282,18 +282,14 @@ def _quantize_after_relu(proto: onnx.ModelProto) -> None:
         g.initializer.remove(init)
 
 
-def _int8_cache(proto: onnx.ModelProto, cache_ranges: dict[str, tuple[float, float]], name: str) -> None:
-    """Keys and values in int8 (symmetric, one scale per level): the encoder ends each key and value output with a
-    Q, the frame graph reads each as int8 and dequantizes it where the attention products read it (after free
-    reshapes), so that both products run in int8 and the cache takes a quarter of the memory."""
+def _int8_cache(proto: onnx.ModelProto, cache_ranges: dict[str, tuple[float, float]]) -> None:
+    """The cache tensors named in `cache_ranges` in int8 (symmetric, one scale each): the encoder ends each such
+    output with a Q, the frame graph reads each as int8 and dequantizes it where an attention product reads it
+    (after free reshapes), so that the product runs in int8 and the cache takes a quarter of the memory."""
     g = proto.graph
     producer, consumers = graph_links(g)
     outputs = {o.name for o in g.output}
-    names = [t.name for t in (*g.input, *g.output) if t.name.startswith(("key_", "value_"))]
-    missing = [v for v in names if v not in cache_ranges]
-    if missing:
-        raise GemxError(f"{name}: the INT8 range table has no range for {missing[0]} (made by an older gemx?); "
-                        "calibrate again with --calib VIDEO|DIR")
+    names = [t.name for t in (*g.input, *g.output) if t.name in cache_ranges]
     for v in names:
         amax = max(abs(cache_ranges[v][0]), abs(cache_ranges[v][1]), 1e-8)  # an all-zero level still gets a valid scale
         scale, zero = _add_scale(g, v, amax / 127)
