@@ -17,6 +17,11 @@ def _stop(signum, frame) -> None:
 
 
 def main() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM cleans up like Ctrl-C
+    stops = (signal.SIGINT, signal.SIGTERM)
+    for sig in stops:  # SIGTERM cleans up like Ctrl-C
         signal.signal(sig, _stop)
-    app(prog_name="gemx")
+    try:
+        app(prog_name="gemx")
+    finally:  # the command has ended, its files are whole: a stop while the interpreter exits changes nothing
+        for sig in stops:
+            signal.signal(sig, signal.SIG_IGN)

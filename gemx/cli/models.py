@@ -85,9 +85,12 @@ def render_export(result) -> None:
         console.print("[dim]ONNX Runtime's CPU provider computes FP16 graphs in FP32 after casting weights; "
                       "GPU FP16 error is measured by `gemx build --fp16`.[/]")
     if "int8" in result.parity:
-        q = result.manifest["precisions"]["int8"]["quantization"]
+        int8 = result.manifest["precisions"]["int8"]
+        q = int8["quantization"]
+        float_keys = [i["name"] for i in int8["graphs"]["frame"]["inputs"] if i["name"].startswith("key_") and i["dtype"] != "int8"]
+        logits = f", the logits over {', '.join(float_keys)} (fewer than 64 channels)" if float_keys else ""
         console.print(f"[dim]INT8: {q['method']}, calibrated on {q['calibration']['frames']} frames of "
-                      f"{lit(q['calibration']['source'])}; kept in FP32: the convolutions that read RGB, the softmax.[/]")
+                      f"{lit(q['calibration']['source'])}; kept in FP32: the convolutions that read RGB, the softmax{logits}.[/]")
     trt = Table(title=f"TensorRT parser compatibility (op table of TensorRT {result.trt[0].tensorrt_version})")
     for col in ("graph", "ops", "verdict"):
         trt.add_column(col)

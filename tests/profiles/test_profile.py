@@ -132,7 +132,7 @@ def test_block_layout_moves_little_data_per_frame(tiny_export):
     not grow with the reference count (only query-sized data is re-laid out per frame; the cache is pre-blocked).
     Per level and direction at most two Transposes: NCHW <-> NHWC (ORT folds it into its Reorder where the
     neighbour is an NCHWc conv) and the block-row swap. The 5% bar of the issue is for real sizes: `gemx profile
-    --ops` at 8x8 reads 3.3% (1 ref) and 2.4% (10 refs) Transpose + Reorder on the shipped checkpoint."""
+    --ops` at 8x8 reads 3.4% (1 ref) and 2.5% (10 refs) Transpose + Reorder on the shipped checkpoint."""
     from gemx.profiles.ops import frame_op_breakdown
 
     session = open_session("ort", tiny_export.path)
