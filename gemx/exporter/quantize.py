@@ -8,9 +8,10 @@ symmetric int8 weights, float biases. Quantized: every Conv, and the decoder's s
 channels or fewer: the bicubic upsampler, the first layer of each encoder) stay FP32: a symmetric int8 grid over a
 frame's [-0.1, 1.1] is coarser than its 8-bit pixels (small_x4: 51 dB against FP32 with them quantized, 57 dB
 without). The decoder's last convolution, which writes RGB from features, is quantized (-0.7 dB against FP32,
-0.7 ms less per frame). Attention: keys and values are cached in int8 (one calibrated scale per level); both of
-its products run in int8, their other operands at fixed scales (queries are unit vectors, probabilities lie in
-[0, 1]); the softmax and the residual over the bicubic frame stay FP32.
+0.7 ms less per frame). Attention: values, and keys of 64 channels or more (the contract says which), are cached
+in int8 (one calibrated scale each); the products with them run in int8, their other operands at fixed scales
+(queries are unit vectors, probabilities lie in [0, 1]); the softmax, the logits over float keys and the residual
+over the bicubic frame stay FP32.
 
 A shipped checkpoint carries its table next to it (`NAME.int8.json`), so `gemx export --int8` needs no video;
 any other checkpoint calibrates on `--calib VIDEO|DIR`, and the export keeps the table it used.
@@ -293,7 +294,7 @@ def _int8_cache(proto: onnx.ModelProto, cache_ranges: dict[str, tuple[float, flo
     for v in names:
         amax = max(abs(cache_ranges[v][0]), abs(cache_ranges[v][1]), 1e-8)  # an all-zero level still gets a valid scale
         scale, zero = _add_scale(g, v, amax / 127)
-        if v in outputs:  # encoder: ... -> Q -> value_i (int8)
+        if v in outputs:  # encoder: ... -> Q -> key_i / value_i (int8)
             node = producer[v]
             node.output[:] = [f"{v}_float" if o == v else o for o in node.output]
             g.node.insert(list(g.node).index(node) + 1,

@@ -110,7 +110,7 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
 # moves runs of B*C contiguous values. A single permute straight to blocks moves runs of B values, or single
 # values: 2-6x slower. Per frame only the target's queries are re-laid out; the cache is blocked once per set.
 
-def reference_blocks(x: torch.Tensor, b: int) -> torch.Tensor:
+def value_blocks(x: torch.Tensor, b: int) -> torch.Tensor:
     """Values [N, R, C, H, W] -> [M, R, BB, C]."""
     n, _, c, h, w = x.shape
     x = x.reshape(-1, c, h, w).permute(0, 2, 3, 1).reshape(n, -1, h // b, b, w // b, b * c)
@@ -118,7 +118,7 @@ def reference_blocks(x: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def key_blocks(x: torch.Tensor, b: int) -> torch.Tensor:
-    """Keys [N, R, C, H, W] -> [M, C, R, BB]."""
+    """Keys [N, R, C, H, W] -> [M, C, R, BB]: one permute (runs of B values), done once per reference set."""
     n, r, c, h, w = x.shape
     x = x.reshape(n, r, c, h // b, b, w // b, b).permute(0, 3, 5, 2, 1, 4, 6)
     return x.reshape(n * (h // b) * (w // b), c, r, b * b)
@@ -232,7 +232,7 @@ class GeminoAttention(nn.Module):
             b = self.config.block_at(i)
             k = F.normalize(cast(keys[i], torch.float32), dim=1) * torch.exp(-cast(self.log_temperature[j], torch.float32))
             cache.keys.append(key_blocks(k.reshape(n, r, *k.shape[1:]), b))
-            cache.values.append(reference_blocks(values[i].reshape(n, r, *values[i].shape[1:]), b))
+            cache.values.append(value_blocks(values[i].reshape(n, r, *values[i].shape[1:]), b))
         return cache
 
     def attend_and_decode(self, target_lr: torch.Tensor, cache: ReferenceCache) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from gemx import GemxError
 from gemx.model import build_model, preset, synthesize_lr, upsample_bicubic
 from gemx.model.lr import downsample
-from gemx.model.network import block_attention, key_blocks, reference_blocks
+from gemx.model.network import block_attention, key_blocks, value_blocks
 from tests.conftest import frames
 
 
@@ -28,7 +28,7 @@ def test_block_attention_equals_naive_loop(refs):
     b, c = 4, 5
     q = torch.randn(1, c, 8, 12)
     k, v = torch.randn(1, refs, c, 8, 12), torch.randn(1, refs, c, 8, 12)
-    got = block_attention(q, key_blocks(k, b), reference_blocks(v, b), b)
+    got = block_attention(q, key_blocks(k, b), value_blocks(v, b), b)
     torch.testing.assert_close(got, naive_block_attention(q, k, v, b), atol=1e-5, rtol=1e-5)
 
 
