@@ -149,6 +149,12 @@ def test_range_table_is_checked(int8_export, tmp_path):
     with pytest.raises(GemxError, match=r"has no range for a tensor of frame\.onnx"):
         export(ckpt, ExportOptions(out=tmp_path / "c.export", int8=True))
     assert not (tmp_path / "c.export").exists()
+    d = json.loads(table.read_text())
+    del d["graphs"]["reference_encoder"]["value_0"]  # a table from before the cache was int8
+    shipped_ranges_path(ckpt).write_text(json.dumps(d))
+    with pytest.raises(GemxError, match=r"has no range for value_0 \(made by an older gemx\?\); calibrate again"):
+        export(ckpt, ExportOptions(out=tmp_path / "d.export", int8=True))
+    assert not (tmp_path / "d.export").exists()
 
 
 def test_calibration_input_errors_are_one_line(int8_export, tmp_path):
