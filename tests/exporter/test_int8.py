@@ -26,7 +26,8 @@ CALIB = "retalk5_woman_glasses.mp4"
 
 @pytest.fixture(scope="module")
 def int8_export(tmp_path_factory):
-    """A tiny checkpoint exported with --int8, calibrated on one real video."""
+    """A tiny checkpoint exported with --int8, calibrated on one real video. Its deepest level has 64 channels, so
+    that level's keys are int8 and its logits an int8 product; the other levels' keys stay float32."""
     import torch
 
     from gemx.model import build_model, preset, save_checkpoint
@@ -34,7 +35,7 @@ def int8_export(tmp_path_factory):
     video = videos_or_skip() / CALIB
     torch.manual_seed(1)
     root = tmp_path_factory.mktemp("int8")
-    save_checkpoint(root / "tiny.pt", build_model(preset("tiny")))
+    save_checkpoint(root / "tiny.pt", build_model(preset("tiny", channels=(8, 16, 64))))
     result = export(root / "tiny.pt", ExportOptions(out=root / "tiny.export", max_refs=5, int8=True, calib=[video]))
     return root, result
 
@@ -82,14 +83,13 @@ def test_int8_graphs_are_tensorrt_qdq(int8_export):
 
 def test_the_cache_is_int8_with_one_scale_per_tensor_in_both_graphs(int8_export):
     """The encoder writes each int8 cache tensor through a Q, the frame graph reads it through a DQ with the same
-    scale: every value_i, and key_i where its dot products are 64 channels deep or more (none in the tiny model: its
-    keys stay float32; the shipped model's are checked in the shipped test)."""
+    scale: every value_i, and key_i where its dot products are 64 channels deep or more (here key_2 only)."""
     from gemx.exporter.contract import Contract
 
     _, result = int8_export
     export_dir = read_export_dir(result.path)
     contract = export_dir.contract("int8")
-    assert [s.dtype for s in contract.kv] == ["float32", "int8"] * 3
+    assert [s.dtype for s in contract.kv] == ["float32", "int8", "float32", "int8", "int8", "int8"]
     encoder = onnx.load(str(export_dir.graph_path("reference_encoder", "int8")))
     frame = onnx.load(str(export_dir.graph_path("frame", "int8")))
     want = {s.name: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(s.dtype)) for s in contract.kv}
@@ -101,8 +101,8 @@ def test_the_cache_is_int8_with_one_scale_per_tensor_in_both_graphs(int8_export)
         nodes = {n.name: n for n in proto.graph.node}
         scales.append([float(inits[nodes[f"{name}_{op[:-6].lower()}"].input[1]]) for name in int8])
     assert scales[0] == scales[1] and all(s > 0 for s in scales[0])
-    values = sum(np.prod(s.concrete(1)) for s in contract.kv if s.name.startswith("value"))
-    assert contract.kv_bytes(1) == Contract(contract.config).kv_bytes(1) - 3 * values
+    in_int8 = sum(np.prod(s.concrete(1)) for s in contract.kv if s.dtype == "int8")
+    assert contract.kv_bytes(1) == Contract(contract.config).kv_bytes(1) - 3 * in_int8
 
 
 def test_manifest_records_method_source_and_accuracy(int8_export):
@@ -197,7 +197,7 @@ def test_ort_preparation_fuses_every_quantized_conv(int8_export):
     assert ops["QLinearConv"] == quantized and ops["QLinearAdd"] == sums >= 2  # Relu -> Q folded, Conv/Add -> Q fused
     assert ops["Relu"] == 0
     assert ops["QLinearMatMul"] == 3  # probabilities x int8 values, at every level
-    assert ops["MatMulIntegerToFloat"] == 0  # the tiny model's keys are float32: float logits
+    assert ops["MatMulIntegerToFloat"] == 1  # queries x the int8 keys of the 64-channel level, float logits
 
 
 def test_ort_preparation_pads_short_convolutions_without_changing_an_output_bit(int8_export, monkeypatch):
