@@ -12,7 +12,7 @@ int32 biases and matching input/output types. So, tensor by tensor, with the sam
   channels up to the next multiple, and its int8 output is sliced back: MLAS's int8 convolutions work in blocks
   of 16 output channels, and a remainder takes a path that is slower than the whole block (256x256, 16 -> 3:
   1.30 ms; 16 -> 16: 0.66 ms).
-Weights stay int8 per channel. Nothing else changes; the result is checked against FP32 like any build.
+Weights stay int8 per channel; no grid changes beyond these. The result is checked against FP32 like any build.
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ class _Graph:
 
     def quantized_convs(self) -> list[onnx.NodeProto]:
         """Convs reading a dequantized input and dequantized weights."""
-        dequantized = lambda name: name in self.producer and self.producer[name].op_type == DEQUANTIZE  # noqa: E731
-        return [n for n in self.g.node if n.op_type == "Conv" and all(dequantized(i) for i in n.input[:2])]
+        return [n for n in self.g.node if n.op_type == "Conv" and all(self.dequantized(i) for i in n.input[:2])]
+
+    def dequantized(self, tensor: str) -> bool:
+        return tensor in self.producer and self.producer[tensor].op_type == DEQUANTIZE
 
     def has_float_bias(self, conv: onnx.NodeProto) -> bool:
         return len(conv.input) > 2 and conv.input[2] in self.inits
