@@ -210,7 +210,8 @@ def test_ort_preparation_pads_short_convolutions_without_changing_an_output_bit(
     _, result = int8_export
     export_dir = read_export_dir(result.path)
     proto = onnx.load(str(export_dir.graph_path("frame", "int8")))
-    kv = open_session("ort", result.path, "int8").encode(frames(2, 64, seed=4).numpy())
+    with open_session("ort", result.path, "int8") as session:
+        kv = session.encode(frames(2, 64, seed=4).numpy())
     feeds = {"target_lr": frames(1, 16, seed=5).numpy(), **kv}
     outs = []
     for block in (ort_int8.CONV_CHANNEL_BLOCK, 1):  # 1: no Conv is padded
