@@ -67,6 +67,7 @@ def export(
 
 
 def render_export(result) -> None:
+    from gemx.exporter.contract import INT8_KEY_MIN_CHANNELS
     from gemx.exporter.validate import FP16_PSNR_GOAL, FP32_TOLERANCE, INT8_PSNR_GOAL
 
     goal = {"fp16": FP16_PSNR_GOAL, "int8": INT8_PSNR_GOAL}
@@ -88,7 +89,7 @@ def render_export(result) -> None:
         int8 = result.manifest["precisions"]["int8"]
         q = int8["quantization"]
         float_keys = [i["name"] for i in int8["graphs"]["frame"]["inputs"] if i["name"].startswith("key_") and i["dtype"] != "int8"]
-        logits = f", the logits over {', '.join(float_keys)} (fewer than 64 channels)" if float_keys else ""
+        logits = f", the logits over {', '.join(float_keys)} (fewer than {INT8_KEY_MIN_CHANNELS} channels)" if float_keys else ""
         console.print(f"[dim]INT8: {q['method']}, calibrated on {q['calibration']['frames']} frames of "
                       f"{lit(q['calibration']['source'])}; kept in FP32: the convolutions that read RGB, the softmax{logits}.[/]")
     trt = Table(title=f"TensorRT parser compatibility (op table of TensorRT {result.trt[0].tensorrt_version})")

@@ -161,7 +161,8 @@ def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, 
         table = calibrate(folded, contract, calib, checkpoint_sha, progress) if isinstance(calib, list) else calib
         progress("quantizing graphs to INT8 (QDQ)")
         paths = tuple(out / spec.file("int8") for spec in contract.graphs)
-        protos = [quantize(src, table.graphs[spec.name], dst, _int8_cache_ranges(table, contract))
+        cache_ranges = _int8_cache_ranges(table, contract)
+        protos = [quantize(src, table.graphs[spec.name], dst, cache_ranges)
                   for spec, src, dst in zip(contract.graphs, folded, paths, strict=True)]
     table.save(out / RANGES_FILE)
     kept_fp32 = {spec.name: fp32_convs(proto) for spec, proto in zip(contract.graphs, protos, strict=True)}

@@ -155,7 +155,8 @@ def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> t
 
 
 def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b: int) -> torch.Tensor:
-    """softmax(Q K^T / c) V inside each BxB block, over the same block of every reference.
+    """softmax(Q K) V inside each BxB block, over the same block of every reference (Q as given: the model
+    normalises its queries after blocking, see `attend_and_decode`).
 
     q: [N, C, H, W]; keys, values: blocked as above, the temperature folded into the keys.
     """

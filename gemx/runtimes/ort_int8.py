@@ -79,7 +79,7 @@ def _uint8_activations(graph: _Graph) -> None:
         zero = value(q.input[2])
         users = graph.consumers.get(q.output[0], [])
         if zero.dtype != np.int8 or zero.any() or not users or not all(u.op_type == DEQUANTIZE for u in users):
-            continue  # not symmetric int8, or a graph output (the int8 value cache keeps its contract type)
+            continue  # not symmetric int8, or a graph output (the int8 cache keeps its contract type)
         source = graph.producer.get(q.input[0])
         non_negative = source is not None and source.op_type in ("Relu", "Softmax")
         scale = value(q.input[1]) * np.float32(127 / 255 if non_negative else 1)
@@ -146,4 +146,3 @@ def ort_cpu_graph(path: Path, precision: str) -> str | bytes:
     if precision != "int8":
         return str(path)
     return prepare_for_ort_cpu(onnx.load(str(path))).SerializeToString()
-
