@@ -133,7 +133,7 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
                 "parity_against": "pytorch" if precision == "fp32" else "fp32 graphs",
             }
         if opts.int8:
-            _export_int8(Contract(cfg), tmp, calib, ckpt_sha, frames, refs_list, model, result, progress)
+            _export_int8(Contract(cfg), tmp, calib, ckpt_sha, frames, refs_list, model, result, opts, progress)
         write_manifest(tmp, manifest)
     return result
 
@@ -149,14 +149,17 @@ def _int8_calibration(checkpoint: Path, checkpoint_sha: str, opts: ExportOptions
 
 
 def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, checkpoint_sha: str, frames: torch.Tensor,
-                 refs_list: list[int], model: GeminoAttention, result: ExportResult, progress) -> None:
-    """QDQ INT8 graphs from the FP32 graphs in `out`, their accuracy against FP32, and the range table used."""
+                 refs_list: list[int], model: GeminoAttention, result: ExportResult, opts: ExportOptions, progress) -> None:
+    """QDQ INT8 graphs from FP32 graphs (the encoder in `out`; the frame graph exported again with its head on 2x2
+    phases, see `subpixel_head`), their accuracy against the FP32 graphs in `out`, and the range table used."""
     import tempfile
 
     fp32_paths = tuple(out / spec.file("fp32") for spec in contract.graphs)
     with tempfile.TemporaryDirectory(prefix="gemx-int8-") as work:
+        sources = (fp32_paths[0], Path(work) / "frame.subpixel.onnx")
+        _export_frame(model, contract, sources[1], opts, frames, subpixel_head=True)
         folded = tuple(Path(work) / p.name for p in fp32_paths)
-        for src, dst in zip(fp32_paths, folded, strict=True):
+        for src, dst in zip(sources, folded, strict=True):
             fold_constants(src, dst)
         table = calibrate(folded, contract, calib, checkpoint_sha, progress) if isinstance(calib, list) else calib
         progress("quantizing graphs to INT8 (QDQ)")
@@ -203,18 +206,25 @@ def _int8_cache_ranges(table: RangeTable, contract: Contract) -> dict[str, tuple
 
 def _export_pair(model: GeminoAttention, contract: Contract, out: Path, opts: ExportOptions,
                  frames: torch.Tensor) -> list[onnx.ModelProto]:
-    cfg, precision = contract.config, contract.precision
-    encoder = ReferenceEncoderGraph(model, contract)
-    refs = frames[1:3].contiguous()  # two references: one would invite 0/1 specialisation
     enc_spec, frame_spec = contract.graphs
-    enc = export_graph(encoder, (refs,), enc_spec, [0], opts.max_refs, opts.opset, out / enc_spec.file(precision))
+    encoder = ReferenceEncoderGraph(model, contract)
+    enc = export_graph(encoder, (_example_refs(frames),), enc_spec, [0], opts.max_refs, opts.opset,
+                       out / enc_spec.file(contract.precision))
+    return [enc, _export_frame(model, contract, out / frame_spec.file(contract.precision), opts, frames)]
+
+
+def _example_refs(frames: torch.Tensor) -> torch.Tensor:
+    return frames[1:3].contiguous()  # two references: one would invite 0/1 specialisation
+
+
+def _export_frame(model: GeminoAttention, contract: Contract, path: Path, opts: ExportOptions, frames: torch.Tensor,
+                  subpixel_head: bool = False) -> onnx.ModelProto:
     with torch.no_grad():
-        kv = encoder(refs)
-    target = torch.nn.functional.avg_pool2d(frames[:1], cfg.scale)
+        kv = ReferenceEncoderGraph(model, contract)(_example_refs(frames))
+    target = torch.nn.functional.avg_pool2d(frames[:1], contract.config.scale)
     axes = [None] + [contract.refs_axis(s) for s in contract.kv]
-    frame = export_graph(FrameGraph(model, contract), (target, kv), frame_spec, axes, opts.max_refs, opts.opset,
-                         out / frame_spec.file(precision))
-    return [enc, frame]
+    return export_graph(FrameGraph(model, contract, subpixel_head), (target, kv), contract.graphs[1], axes,
+                        opts.max_refs, opts.opset, path)
 
 
 def _simplify(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:

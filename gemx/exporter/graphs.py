@@ -35,13 +35,18 @@ class ReferenceEncoderGraph(nn.Module):
 
 
 class FrameGraph(nn.Module):
-    """target_lr [1, 3, H/s, W/s] + (key_i, value_i, ...) -> frame_hr [1, 3, H, W] in float32."""
+    """target_lr [1, 3, H/s, W/s] + (key_i, value_i, ...) -> frame_hr [1, 3, H, W] in float32.
 
-    def __init__(self, model: GeminoAttention, contract: Contract):
+    `subpixel_head`: the decoder's head computed on 2x2 phases (`gemx.model.network.subpixel_head`), the source of
+    the INT8 frame graph."""
+
+    def __init__(self, model: GeminoAttention, contract: Contract, subpixel_head: bool = False):
         super().__init__()
         self.model = _network_for(model, contract.precision)
         self.compute = next(self.model.parameters()).dtype
+        self.subpixel_head = subpixel_head
 
     def forward(self, target_lr: torch.Tensor, kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
         cache = ReferenceCache(list(kv[0::2]), [cast(v, self.compute) for v in kv[1::2]])
-        return cast(self.model.attend_and_decode(cast(target_lr, self.compute), cache), torch.float32)
+        frame = self.model.attend_and_decode(cast(target_lr, self.compute), cache, self.subpixel_head)
+        return cast(frame, torch.float32)

@@ -162,6 +162,8 @@ def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path,
                             "made for another gemx or torch version?); calibrate again with --calib VIDEO|DIR") from None
         proto = onnx.load(str(quantized))
     _quantize_after_relu(proto)
+    _pads_keep_grid(proto)
+    _drop_unused_initializers(proto.graph)
     _int8_cache(proto, cache_ranges)
     _quantize_queries(proto)
     _quantize_probabilities(proto)
@@ -278,6 +280,26 @@ def _quantize_after_relu(proto: onnx.ModelProto) -> None:
         g.node.insert(list(g.node).index(q) + 1, dq)
     for n in drop:
         g.node.remove(n)
+
+
+def _pads_keep_grid(proto: onnx.ModelProto) -> None:
+    """DQ -> Pad -> Q: the Q (and the DQs reading it) take the DQ's scale. A Pad that copies values (edge, reflect,
+    wrap) or pads zeros only holds values of its input's grid, so the Pad's own calibrated range rounds once more for
+    nothing; on one grid, ONNX Runtime's preparation pads the int8 tensor itself (the sub-pixel head's edge Pad)."""
+    g = proto.graph
+    producer, consumers = graph_links(g)
+    for pad in [n for n in g.node if n.op_type == "Pad"]:
+        mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
+        dq, readers = producer.get(pad.input[0]), consumers.get(pad.output[0], [])
+        if (dq is None or dq.op_type != "DequantizeLinear" or not readers or any(r.op_type != "QuantizeLinear" for r in readers)
+                or (mode == "constant" and len(pad.input) > 2 and pad.input[2])):
+            continue
+        for q in readers:
+            for n in (q, *consumers.get(q.output[0], [])):
+                n.input[1], n.input[2] = dq.input[1], dq.input[2]
+
+
+def _drop_unused_initializers(g: onnx.GraphProto) -> None:
     used = {i for n in g.node for i in n.input}
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)

@@ -26,7 +26,7 @@ from onnx import numpy_helper
 from gemx.exporter.quantize import graph_links
 
 QUANTIZE, DEQUANTIZE = "QuantizeLinear", "DequantizeLinear"
-PREPARATION_REVISION = 2  # bumped with each change to what prepare_for_ort_cpu writes; older builds are not used
+PREPARATION_REVISION = 3  # bumped with each change to what prepare_for_ort_cpu writes; older builds are not used
 CONV_CHANNEL_BLOCK = 16  # output channels MLAS's int8 convolution kernels compute at once
 
 
@@ -56,12 +56,22 @@ class _Graph:
     def has_float_bias(self, conv: onnx.NodeProto) -> bool:
         return len(conv.input) > 2 and conv.input[2] in self.inits
 
+    def non_negative(self, tensor: str) -> bool:
+        """Written by a Relu or a Softmax, or a Pad of such a tensor's quantized values (zero or edge padding)."""
+        source = self.producer.get(tensor)
+        if source is not None and source.op_type == "Pad" and self.dequantized(source.input[0]):
+            q = self.producer.get(self.producer[source.input[0]].input[0])
+            return q is not None and q.op_type == QUANTIZE and self.non_negative(q.input[0])
+        return source is not None and source.op_type in ("Relu", "Softmax")
+
 
 def prepare_for_ort_cpu(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a TensorRT-form QDQ graph rewritten for ONNX Runtime's CPU provider."""
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     graph = _Graph(proto.graph)
     _uint8_activations(graph)
+    _quantized_pads(graph)
+    _unit_rows(graph)
     for conv in graph.quantized_convs():
         _pad_output_channels(graph, conv)
     for conv in graph.quantized_convs():
@@ -80,13 +90,68 @@ def _uint8_activations(graph: _Graph) -> None:
         users = graph.consumers.get(q.output[0], [])
         if zero.dtype != np.int8 or zero.any() or not users or not all(u.op_type == DEQUANTIZE for u in users):
             continue  # not symmetric int8, or a graph output (the int8 cache keeps its contract type)
-        source = graph.producer.get(q.input[0])
-        non_negative = source is not None and source.op_type in ("Relu", "Softmax")
+        non_negative = graph.non_negative(q.input[0])
         scale = value(q.input[1]) * np.float32(127 / 255 if non_negative else 1)
         names = (add(scale.astype(np.float32), f"{q.output[0]}_u8_scale"),
                  add(np.full(zero.shape, 0 if non_negative else 128, np.uint8), f"{q.output[0]}_u8_zero_point"))
         for n in (q, *users):
             n.input[1], n.input[2] = names
+
+
+def _quantized_pads(graph: _Graph) -> None:
+    """DQ -> Pad -> Q on one grid (see `_pads_keep_grid` in the quantizer) becomes a Pad of the quantized tensor:
+    no float copy of it, and ONNX Runtime pads the uint8 tensor in its NHWC layout."""
+    value = graph.value
+    for pad in [n for n in graph.g.node if n.op_type == "Pad"]:
+        dq, readers = graph.producer.get(pad.input[0]), graph.consumers.get(pad.output[0], [])
+        if dq is None or dq.op_type != DEQUANTIZE or len(readers) != 1 or readers[0].op_type != QUANTIZE:
+            continue
+        q = readers[0]
+        if len(q.input) < 3 or any((value(q.input[k]) != value(dq.input[k])).any() or value(q.input[k]).dtype != value(dq.input[k]).dtype
+                                   for k in (1, 2)):
+            continue  # another grid: the float Pad stays
+        pad.input[0], pad.output[0] = dq.input[0], q.output[0]
+        graph.g.node.remove(q)
+        if len(graph.consumers[dq.output[0]]) == 1:
+            graph.g.node.remove(dq)
+    graph.producer, graph.consumers = graph_links(graph.g)
+
+
+LAYOUT_ONLY = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")
+UNIT_EPS_MAX = 1e-6  # a clamp of the norm this small is below any int8 grid's step
+
+
+def _unit_rows(graph: _Graph) -> None:
+    """x / max(||x||, eps) over the last axis of dequantized values (the attention's unit queries, exported as
+    ReduceL2 -> Clip -> Div) becomes one LpNormalization: the same numbers, since on an int8 grid a row's norm is 0 or
+    at least a step, far above eps, and LpNormalization leaves a zero row zero as the clamp does. One node reads the
+    dequantized queries instead of two, for which ONNX Runtime would dequantize them twice."""
+    for norm in [n for n in graph.g.node if n.op_type == "ReduceL2"]:
+        x = norm.input[0]
+        clips = graph.consumers.get(norm.output[0], [])
+        if len(clips) != 1 or clips[0].op_type != "Clip" or len(norm.input) < 2 or norm.input[1] not in graph.inits:
+            continue
+        clip = clips[0]
+        divs = graph.consumers.get(clip.output[0], [])
+        keepdims = next((a.i for a in norm.attribute if a.name == "keepdims"), 1)
+        if (len(divs) != 1 or divs[0].op_type != "Div" or list(divs[0].input) != [x, clip.output[0]] or not keepdims
+                or graph.value(norm.input[1]).tolist() != [-1] or len(clip.input) != 2 or clip.input[1] not in graph.inits
+                or not 0 <= graph.value(clip.input[1]) <= UNIT_EPS_MAX or not _dequantized_values(graph, x)):
+            continue
+        div = divs[0]
+        unit = onnx.helper.make_node("LpNormalization", [x], [div.output[0]], name=f"{div.name}_unit", axis=-1, p=2)
+        graph.g.node.insert(list(graph.g.node).index(div), unit)
+        for n in (norm, clip, div):
+            graph.g.node.remove(n)
+    graph.producer, graph.consumers = graph_links(graph.g)
+
+
+def _dequantized_values(graph: _Graph, tensor: str) -> bool:
+    """Whether `tensor` holds a DequantizeLinear's values, moved about by layout-only ops at most."""
+    source = graph.producer.get(tensor)
+    while source is not None and source.op_type in LAYOUT_ONLY:
+        source = graph.producer.get(source.input[0])
+    return source is not None and source.op_type == DEQUANTIZE
 
 
 def _pad_output_channels(graph: _Graph, conv: onnx.NodeProto) -> None:

@@ -198,11 +198,32 @@ def test_ort_preparation_fuses_every_quantized_conv(int8_export):
     assert ops["Relu"] == 0
     assert ops["QLinearMatMul"] == 3  # probabilities x int8 values, at every level
     assert ops["MatMulIntegerToFloat"] == 1  # queries x the int8 keys of the 64-channel level, float logits
+    writer = {o: n.op_type for n in optimized for o in n.output}
+    pads = [n for n in optimized if n.op_type == "Pad" and n.input[0] in writer]  # not the one on the input frame
+    assert len(pads) == 1 and writer[pads[0].input[0]] != "DequantizeLinear"  # the head's edge Pad copies uint8
+
+
+def test_int8_frame_graph_runs_its_head_on_phases(int8_export):
+    """The INT8 frame graph's source has the sub-pixel head: one bilinear Resize fewer than the FP32 graph, the RGB
+    phases laid out by a DepthToSpace, and the edge Pad before it quantized on its input's grid."""
+    from gemx.exporter.quantize import graph_links
+
+    _, result = int8_export
+    export_dir = read_export_dir(result.path)
+    fp32, int8 = (onnx.load(str(export_dir.graph_path("frame", p))) for p in ("fp32", "int8"))
+    ops = {name: Counter(n.op_type for n in p.graph.node) for name, p in (("fp32", fp32), ("int8", int8))}
+    assert ops["int8"]["Resize"] == ops["fp32"]["Resize"] - 1
+    assert ops["int8"]["DepthToSpace"] == ops["fp32"]["DepthToSpace"] + 1
+    producer, consumers = graph_links(int8.graph)
+    [pad] = [n for n in int8.graph.node if n.op_type == "Pad" and n.input[0] in producer
+             and producer[n.input[0]].op_type == "DequantizeLinear"]
+    dq, [q] = producer[pad.input[0]], consumers[pad.output[0]]
+    assert q.op_type == "QuantizeLinear" and q.input[1:] == dq.input[1:]
 
 
 def test_ort_preparation_pads_short_convolutions_without_changing_an_output_bit(int8_export, monkeypatch):
-    """The RGB head (3 output channels) runs as a 16-channel int8 Conv sliced back, and computes exactly what the
-    3-channel Conv computes."""
+    """The RGB head (3 output channels in 2x2 phases: 12) runs as a 16-channel int8 Conv sliced back, and computes
+    exactly what the 12-channel Conv computes."""
     import onnxruntime as ort
 
     from gemx.runtimes import ort_int8
@@ -223,7 +244,7 @@ def test_ort_preparation_pads_short_convolutions_without_changing_an_output_bit(
         optimized = onnx.load(opts.optimized_model_filepath).graph
         weights = _initializers(onnx.load(opts.optimized_model_filepath))
         channels = [weights[n.input[3]].shape[0] for n in optimized.node if n.op_type == "QLinearConv"]
-        assert 3 in channels if block == 1 else all(c % block == 0 for c in channels), channels
+        assert 12 in channels if block == 1 else all(c % block == 0 for c in channels), channels
     np.testing.assert_array_equal(outs[0], outs[1])
 
 

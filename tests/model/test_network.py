@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,7 +7,7 @@ import torch.nn.functional as F
 from gemx import GemxError
 from gemx.model import build_model, preset, synthesize_lr, upsample_bicubic
 from gemx.model.lr import downsample
-from gemx.model.network import block_attention, key_blocks, value_blocks
+from gemx.model.network import block_attention, key_blocks, subpixel_head, upsample2x, value_blocks
 from tests.conftest import frames
 
 
@@ -30,6 +32,24 @@ def test_block_attention_equals_naive_loop(refs):
     k, v = torch.randn(1, refs, c, 8, 12), torch.randn(1, refs, c, 8, 12)
     got = block_attention(q, key_blocks(k, b), value_blocks(v, b), b)
     torch.testing.assert_close(got, naive_block_attention(q, k, v, b), atol=1e-5, rtol=1e-5)
+
+
+def test_subpixel_head_is_the_head_over_edge_padded_upsampled_features(tiny_model):
+    """The head on 2x2 phases equals the head everywhere once its first convolution reads the upsampled features
+    edge-padded instead of zero-padded, and equals the head itself inside the frame's outer 2 pixels."""
+    head = copy.deepcopy(tiny_model.decoder.head)
+    torch.manual_seed(0)
+    for p in head.parameters():  # the residual model's last convolution starts at zero
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.relu(torch.randn(2, head[0].in_channels, 6, 10))
+    with torch.no_grad():
+        got, up = subpixel_head(head, x), upsample2x(x)
+        exact = head(up)
+        edge = head[2](head[1](F.conv2d(F.pad(up, (1, 1, 1, 1), mode="replicate"), head[0].weight, head[0].bias)))
+    assert got.shape == exact.shape == (2, 3, 12, 20)
+    torch.testing.assert_close(got, edge, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[..., 2:-2, 2:-2], exact[..., 2:-2, 2:-2], atol=1e-5, rtol=1e-5)
+    assert (got - exact).abs().amax() > 1e-2  # the border is where they differ
 
 
 def test_output_invariant_to_reference_order_and_duplication(tiny_model):
