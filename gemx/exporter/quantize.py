@@ -11,7 +11,10 @@ without). The decoder's last convolution, which writes RGB from features, is qua
 0.7 ms less per frame). Attention: values, and keys of 64 channels or more (the contract says which), are cached
 in int8 (one calibrated scale each); the products with them run in int8, their other operands at fixed scales
 (queries are unit vectors, probabilities lie in [0, 1]); the softmax, the logits over float keys and the residual
-over the bicubic frame stay FP32.
+over the bicubic frame stay FP32. The frame graph quantized is exported with its head on 2x2 phases
+(`gemx.model.network.subpixel_head`): the last upsampling folds into the head's first convolution, so both head
+convolutions run at a quarter of the pixels with four times the channels, which int8 convolutions turn into speed,
+and no upsampled tensor is quantized; it differs from the FP32 graph only on the frame's outer 2 pixels.
 
 A shipped checkpoint carries its table next to it (`NAME.int8.json`), so `gemx export --int8` needs no video;
 any other checkpoint calibrates on `--calib VIDEO|DIR`, and the export keeps the table it used.
@@ -163,7 +166,7 @@ def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path,
         proto = onnx.load(str(quantized))
     _quantize_after_relu(proto)
     _pads_keep_grid(proto)
-    _drop_unused_initializers(proto.graph)
+    drop_unused_initializers(proto.graph)
     _int8_cache(proto, cache_ranges)
     _quantize_queries(proto)
     _quantize_probabilities(proto)
@@ -299,7 +302,7 @@ def _pads_keep_grid(proto: onnx.ModelProto) -> None:
                 n.input[1], n.input[2] = dq.input[1], dq.input[2]
 
 
-def _drop_unused_initializers(g: onnx.GraphProto) -> None:
+def drop_unused_initializers(g: onnx.GraphProto) -> None:
     used = {i for n in g.node for i in n.input}
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)

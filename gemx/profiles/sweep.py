@@ -193,7 +193,8 @@ def _ops_row(session, block: int, precision: str, refs: int, refs_hr: np.ndarray
 
 def _measure(session, refs_hr: np.ndarray, target: np.ndarray, opts: ProfileOptions, mem_kind: str, base: int | None):
     """(encode timing, per-frame timing, device memory above `base` on a GPU) for one session and reference set."""
-    encode = time_calls(lambda: session.set_references(refs_hr), 1, max(3, opts.iters // 4))
+    # Encoding runs once per reference set: fewer calls than frames, but enough that one slow call cannot move the p50.
+    encode = time_calls(lambda: session.set_references(refs_hr), 2, max(5, opts.iters // 2))
     frame = time_calls(lambda: session(target), opts.warmup, opts.iters, opts.seconds)
     memory = None
     if mem_kind.startswith("device"):

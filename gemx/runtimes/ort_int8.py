@@ -8,10 +8,12 @@ int32 biases and matching input/output types. So, tensor by tensor, with the sam
   attention probabilities (a Softmax's output, in [0, 1]);
 - any other activation becomes uint8 with zero point 128 and the same scale (the same grid, shifted);
 - each quantized Conv's float bias becomes int32 at scale x_scale * w_scale, as QLinearConv needs;
-- a quantized Conv whose output channels are not a multiple of 16 (the decoder's RGB head: 3) computes zero
-  channels up to the next multiple, and its int8 output is sliced back: MLAS's int8 convolutions work in blocks
-  of 16 output channels, and a remainder takes a path that is slower than the whole block (256x256, 16 -> 3:
-  1.30 ms; 16 -> 16: 0.66 ms).
+- a Pad between a DQ and a Q of the same grid pads the quantized tensor itself (no float copy);
+- x / max(||x||, eps) over dequantized rows (the unit queries) becomes one LpNormalization, the same numbers;
+- a quantized Conv whose output channels are not a multiple of 16 (the decoder's RGB head: 3 in 4 phases, 12)
+  computes zero channels up to the next multiple, and its int8 output is sliced back: MLAS's int8 convolutions work
+  in blocks of 16 output channels, and a remainder takes a path that is slower than the whole block (256x256,
+  16 -> 3: 1.30 ms; 16 -> 16: 0.66 ms).
 Weights stay int8 per channel; no grid changes beyond these. The result is checked against FP32 like any build.
 """
 
@@ -23,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gemx.exporter.quantize import graph_links
+from gemx.exporter.quantize import drop_unused_initializers, graph_links
 
 QUANTIZE, DEQUANTIZE = "QuantizeLinear", "DequantizeLinear"
 PREPARATION_REVISION = 3  # bumped with each change to what prepare_for_ort_cpu writes; older builds are not used
@@ -77,6 +79,7 @@ def prepare_for_ort_cpu(proto: onnx.ModelProto) -> onnx.ModelProto:
     for conv in graph.quantized_convs():
         if graph.has_float_bias(conv):
             _int32_bias(graph, conv)
+    drop_unused_initializers(proto.graph)  # the int8 grids' scales and float biases replaced above
     return proto
 
 

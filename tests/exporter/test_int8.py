@@ -248,6 +248,30 @@ def test_ort_preparation_pads_short_convolutions_without_changing_an_output_bit(
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+def test_ort_preparation_normalises_queries_in_one_node_without_changing_an_output_bit(int8_export, monkeypatch):
+    """The unit queries (ReduceL2 -> Clip -> Div over dequantized rows) run as one LpNormalization per level, and the
+    frame is the same to the bit as with the exported chain."""
+    import onnxruntime as ort
+
+    from gemx.runtimes import ort_int8
+
+    _, result = int8_export
+    proto = onnx.load(str(read_export_dir(result.path).graph_path("frame", "int8")))
+    with open_session("ort", result.path, "int8") as session:
+        kv = session.encode(frames(3, 64, seed=6).numpy())
+    feeds = {"target_lr": frames(1, 16, seed=7).numpy(), **kv}
+    outs = []
+    for rewrite in (True, False):
+        if not rewrite:
+            monkeypatch.setattr(ort_int8, "_unit_rows", lambda graph: None)
+        prepared = prepare_for_ort_cpu(proto)
+        ops = Counter(n.op_type for n in prepared.graph.node)
+        assert (ops["LpNormalization"], ops["ReduceL2"]) == ((3, 0) if rewrite else (0, 3))
+        session = ort.InferenceSession(prepared.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs.append(session.run(["frame_hr"], feeds)[0])
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_int8_sessions_match_fp32_and_the_cpu_build_is_used(int8_export):
     _, result = int8_export
     refs, target = frames(3, 64, seed=2).numpy(), frames(1, 16, seed=3).numpy()
