@@ -19,7 +19,7 @@ FORMAT = "gemx-export"
 VERSION = 1
 # What gemx writes for the same checkpoint and options; bumped whenever the graphs change (block layout,
 # quantization), so that an export cached by an older gemx is made again instead of measured as if current.
-GRAPHS_REVISION = 6
+GRAPHS_REVISION = 7
 MANIFEST = "manifest.json"
 
 

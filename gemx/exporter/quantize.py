@@ -4,11 +4,11 @@ One range table, two uses. Calibration runs the FP32 graphs on real frames (ONNX
 calibrator) and keeps each quantized tensor's range in a small JSON table tied to the checkpoint's sha256;
 quantization turns that table into QDQ graphs: symmetric int8 activations (zero points 0), per-channel
 symmetric int8 weights, float biases. Quantized: every Conv, and the decoder's sums of partial convolutions
-(so ONNX Runtime adds in int8 instead of dequantizing three tensors per level). Convolutions that read RGB (3
-channels or fewer: the bicubic upsampler, the first layer of each encoder) stay FP32: a symmetric int8 grid over a
-frame's [-0.1, 1.1] is coarser than its 8-bit pixels (small_x4: 51 dB against FP32 with them quantized, 57 dB
-without). The decoder's last convolution, which writes RGB from features, is quantized (-0.7 dB against FP32,
-0.7 ms less per frame). Attention: values, and keys of 64 channels or more (the contract says which), are cached
+(so ONNX Runtime adds in int8 instead of dequantizing three tensors per level). The bicubic upsampler stays FP32: its
+output is the frame the network adds its residual to, and a symmetric int8 grid over a frame's [-0.1, 1.1] is coarser
+than its 8-bit pixels. Each encoder's first layer reads RGB in int8 (the frame or references quantized for it alone:
+-0.004 dB on the test split, simulated; its other readers keep the float frame), and the decoder's last
+convolution writes RGB from int8 features. Attention: values, and keys of 64 channels or more (the contract says which), are cached
 in int8 (one calibrated scale each); the products with them run in int8, their other operands at fixed scales
 (queries are unit vectors, probabilities lie in [0, 1]); the softmax, the logits over float keys and the residual
 over the bicubic frame stay FP32. The frame graph quantized is exported with its head on 2x2 phases
@@ -43,6 +43,7 @@ RANGES_VERSION = 1
 RANGES_FILE = "int8_ranges.json"  # the table an export was quantized with, kept in the export
 METHOD = "ptq-minmax"
 QUANTIZED_OPS = ["Conv", "Add"]  # Adds: only the decoder's sums of partial convolutions (`feature_sums`)
+INT8_OPS = ("Conv", "Add", "MatMul")  # ops that run in int8 when their operands come through DQs
 CALIB_FRAMES = 48  # frame-graph samples over all calibration videos
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 RGB_CHANNELS = 3
@@ -165,6 +166,7 @@ def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path,
                             "made for another gemx or torch version?); calibrate again with --calib VIDEO|DIR") from None
         proto = onnx.load(str(quantized))
     _quantize_after_relu(proto)
+    _float_sources_stay_float(proto)
     _pads_keep_grid(proto)
     drop_unused_initializers(proto.graph)
     _int8_cache(proto, cache_ranges)
@@ -184,11 +186,14 @@ def fold_constants(src: Path, out: Path) -> None:
 
 
 def fp32_convs(proto: onnx.ModelProto) -> list[str]:
-    """Convolutions kept in FP32: those that read RGB (or fewer channels). In a quantized graph the same list: only
-    FP32 convolutions still take their weight straight from an initializer."""
+    """Convolutions kept in FP32: the bicubic upsampler's, which read RGB into resampled RGB (no Relu after them; the
+    frame's upsampled copy is the residual the network adds to). Each encoder's first layer reads RGB into features
+    (a Relu follows) and is quantized. In a quantized graph the same list: only FP32 convolutions still take their
+    weight straight from an initializer."""
     weights = {i.name: i.dims for i in proto.graph.initializer}
+    _, consumers = graph_links(proto.graph)
     return [n.name for n in proto.graph.node if n.op_type == "Conv" and n.input[1] in weights
-            and weights[n.input[1]][1] <= RGB_CHANNELS]
+            and weights[n.input[1]][1] <= RGB_CHANNELS and not any(c.op_type == "Relu" for c in consumers.get(n.output[0], []))]
 
 
 def feature_sums(proto: onnx.ModelProto) -> list[str]:
@@ -283,6 +288,28 @@ def _quantize_after_relu(proto: onnx.ModelProto) -> None:
         g.node.insert(list(g.node).index(q) + 1, dq)
     for n in drop:
         g.node.remove(n)
+
+
+def _float_sources_stay_float(proto: onnx.ModelProto) -> None:
+    """A float tensor quantized for the int8 op that reads it (an encoder's first layer reads the upsampled frame or
+    the references) stays float for its float readers (the residual over the bicubic frame, the references'
+    downsampling for the keys): ONNX Runtime's quantizer hands every reader the dequantized copy. Int8 results (a
+    Conv's, a sum's, a product's) reach float readers through their DQ: they exist as int8 only."""
+    g = proto.graph
+    producer, consumers = graph_links(g)
+    inits = {i.name for i in g.initializer}
+
+    def in_int8(node: onnx.NodeProto) -> bool:
+        operands = node.input[:2]
+        return node.op_type in INT8_OPS and all(i in producer and producer[i].op_type == "DequantizeLinear" for i in operands)
+
+    for q in [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]:
+        source = producer.get(q.input[0])
+        if source is not None and (in_int8(source) or source.op_type == "Relu"):
+            continue  # an int8 result (Conv -> Relu -> Q, Add -> Q): no float copy to read
+        for dq in consumers.get(q.output[0], []):
+            for reader in [r for r in consumers.get(dq.output[0], []) if not in_int8(r)]:
+                reader.input[:] = [q.input[0] if i == dq.output[0] else i for i in reader.input]
 
 
 def _pads_keep_grid(proto: onnx.ModelProto) -> None:

@@ -28,8 +28,9 @@ from onnx import numpy_helper
 from gemx.exporter.quantize import drop_unused_initializers, graph_links
 
 QUANTIZE, DEQUANTIZE = "QuantizeLinear", "DequantizeLinear"
-PREPARATION_REVISION = 3  # bumped with each change to what prepare_for_ort_cpu writes; older builds are not used
+PREPARATION_REVISION = 4  # bumped with each change to what prepare_for_ort_cpu writes; older builds are not used
 CONV_CHANNEL_BLOCK = 16  # output channels MLAS's int8 convolution kernels compute at once
+CONV_INPUT_GROUP = 4  # input channels MLAS's int8 convolutions take at once (VNNI multiplies 4 bytes by 4 bytes)
 
 
 class _Graph:
@@ -76,6 +77,7 @@ def prepare_for_ort_cpu(proto: onnx.ModelProto) -> onnx.ModelProto:
     _unit_rows(graph)
     for conv in graph.quantized_convs():
         _pad_output_channels(graph, conv)
+        _pad_input_channels(graph, conv)
     for conv in graph.quantized_convs():
         if graph.has_float_bias(conv):
             _int32_bias(graph, conv)
@@ -194,6 +196,25 @@ def _pad_output_channels(graph: _Graph, conv: onnx.NodeProto) -> None:
     kept = [v for v in graph.g.value_info if v.name not in stale]
     del graph.g.value_info[:]
     graph.g.value_info.extend(kept)
+
+
+def _pad_input_channels(graph: _Graph, conv: onnx.NodeProto) -> None:
+    """A quantized Conv reading input channels short of a multiple of CONV_INPUT_GROUP (an encoder's first layer, RGB)
+    reads the quantized input padded with zero-valued channels, through zero weights: the same sums, on MLAS's
+    whole-group path (256x256, 3 -> 32: 1.12 ms; 4 -> 32: 0.57)."""
+    x_dq, w_dq = graph.producer[conv.input[0]], graph.producer[conv.input[1]]
+    weights = graph.value(w_dq.input[0])
+    extra = -weights.shape[1] % CONV_INPUT_GROUP
+    if not extra or len(graph.consumers[w_dq.output[0]]) > 1 or len(graph.consumers[x_dq.output[0]]) > 1:
+        return  # whole groups already, or weights or a dequantized input this Conv does not own alone
+    zeros = np.zeros((weights.shape[0], extra, *weights.shape[2:]), weights.dtype)
+    w_dq.input[0] = graph.add(np.concatenate([weights, zeros], axis=1), f"{w_dq.input[0]}_in{weights.shape[1] + extra}")
+    zero_point = x_dq.input[2]  # the padded channels hold the zero point: they dequantize to 0
+    pads = graph.add(np.array([0, 0, 0, 0, 0, extra, 0, 0], np.int64), f"{x_dq.name}_channel_pads")
+    padded = onnx.helper.make_node("Pad", [x_dq.input[0], pads, zero_point], [f"{x_dq.input[0]}_channels{weights.shape[1] + extra}"],
+                                   name=f"{x_dq.name}_channel_pad", mode="constant")
+    x_dq.input[0] = padded.output[0]
+    graph.g.node.insert(list(graph.g.node).index(x_dq), padded)
 
 
 def _int32_bias(graph: _Graph, conv: onnx.NodeProto) -> None:

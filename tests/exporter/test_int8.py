@@ -45,8 +45,9 @@ def _initializers(proto):
 
 
 def test_int8_graphs_are_tensorrt_qdq(int8_export):
-    """Zero points 0 (int8), per-channel weight scales on the output-channel axis, convolutions reading RGB in FP32,
-    the decoder's sums quantized, the residual Add in FP32."""
+    """Zero points 0 (int8), per-channel weight scales on the output-channel axis, the bicubic upsampler in FP32 and
+    each encoder's first layer (RGB in, features out) in int8, the decoder's sums quantized, the residual Add in FP32
+    over the float bicubic frame, the references' downsampling for the keys over the float references."""
     _, result = int8_export
     export_dir = read_export_dir(result.path)
     for graph in ("reference_encoder", "frame"):
@@ -58,11 +59,10 @@ def test_int8_graphs_are_tensorrt_qdq(int8_export):
         for n in qdq:
             zero = inits[n.input[2]]
             assert zero.dtype == np.int8 and not zero.any(), n.name
-        quantized = rgb = 0
+        quantized, rgb_in = 0, 0
         for conv in (n for n in proto.graph.node if n.op_type == "Conv"):
-            if conv.input[1] in inits:  # a float weight: kept FP32, only where the conv reads RGB
+            if conv.input[1] in inits:  # a float weight: kept FP32, only the bicubic upsampler (RGB in, RGB out)
                 assert inits[conv.input[1]].shape[1] <= 3, conv.name
-                rgb += 1
                 continue
             dq = producer[conv.input[1]]
             weight, scale = inits[dq.input[0]], inits[dq.input[1]]
@@ -71,7 +71,12 @@ def test_int8_graphs_are_tensorrt_qdq(int8_export):
             assert {a.name: a.i for a in dq.attribute}.get("axis", 1) == 0
             assert len(conv.input) < 3 or conv.input[2] in inits  # float bias (TensorRT's form)
             quantized += 1
-        assert quantized > rgb > 0
+            rgb_in += weight.shape[1] == 3
+        assert rgb_in == (2 if graph == "reference_encoder" else 1) and quantized > rgb_in  # the encoders' first layers
+        dequantized = {i for i in producer if producer[i].op_type == "DequantizeLinear"}
+        float_readers = [n for n in proto.graph.node if n.op_type == "AveragePool"
+                         or (n.op_type == "Add" and not set(n.input) <= dequantized)]  # downsampling, a residual
+        assert not any(i in dequantized for n in float_readers for i in n.input)
         for relu in (n for n in proto.graph.node if n.op_type == "Relu"):  # Conv -> Relu -> Q, never Q -> DQ -> Relu
             assert producer[relu.input[0]].op_type in ("Conv", "Add"), relu.name
         adds = [n for n in proto.graph.node if n.op_type == "Add"]
@@ -111,6 +116,7 @@ def test_manifest_records_method_source_and_accuracy(int8_export):
     q = entry["quantization"]
     assert q["method"] == "ptq-minmax" and CALIB in q["calibration"]["source"] and not q["calibration"]["shipped"]
     assert q["calibration"]["table_sha256"] == sha256(result.path / RANGES_FILE)
+    assert "2x2 phases" in q["frame_head"]
     assert entry["parity_against"] == "fp32 graphs"
     assert [r["refs"] for r in entry["parity"]] == [1, 2, 5]
     assert all(INT8_PSNR_GOAL < r["psnr_db"] < 100 for r in entry["parity"])  # quantized, and close
@@ -200,7 +206,8 @@ def test_ort_preparation_fuses_every_quantized_conv(int8_export):
     assert ops["MatMulIntegerToFloat"] == 1  # queries x the int8 keys of the 64-channel level, float logits
     writer = {o: n.op_type for n in optimized for o in n.output}
     pads = [n for n in optimized if n.op_type == "Pad" and n.input[0] in writer]  # not the one on the input frame
-    assert len(pads) == 1 and writer[pads[0].input[0]] != "DequantizeLinear"  # the head's edge Pad copies uint8
+    assert len(pads) == 2 and not any(writer[p.input[0]] == "DequantizeLinear" for p in pads)  # the head's edge Pad and
+    # the first layer's channel Pad both pad uint8
 
 
 def test_int8_frame_graph_runs_its_head_on_phases(int8_export):
@@ -222,8 +229,8 @@ def test_int8_frame_graph_runs_its_head_on_phases(int8_export):
 
 
 def test_ort_preparation_pads_short_convolutions_without_changing_an_output_bit(int8_export, monkeypatch):
-    """The RGB head (3 output channels in 2x2 phases: 12) runs as a 16-channel int8 Conv sliced back, and computes
-    exactly what the 12-channel Conv computes."""
+    """The RGB head (3 output channels in 2x2 phases: 12) runs as a 16-channel int8 Conv sliced back and the first
+    layer (3 input channels) reads 4, and both compute exactly what the unpadded Convs compute."""
     import onnxruntime as ort
 
     from gemx.runtimes import ort_int8
@@ -235,16 +242,20 @@ def test_ort_preparation_pads_short_convolutions_without_changing_an_output_bit(
         kv = session.encode(frames(2, 64, seed=4).numpy())
     feeds = {"target_lr": frames(1, 16, seed=5).numpy(), **kv}
     outs = []
-    for block in (ort_int8.CONV_CHANNEL_BLOCK, 1):  # 1: no Conv is padded
+    for block, group in ((ort_int8.CONV_CHANNEL_BLOCK, ort_int8.CONV_INPUT_GROUP), (1, 1)):  # 1: no Conv is padded
         monkeypatch.setattr(ort_int8, "CONV_CHANNEL_BLOCK", block)
+        monkeypatch.setattr(ort_int8, "CONV_INPUT_GROUP", group)
         opts = ort.SessionOptions()
         opts.optimized_model_filepath = str(result.path.parent / f"optimized{block}.onnx")
         session = ort.InferenceSession(prepare_for_ort_cpu(proto).SerializeToString(), opts, providers=["CPUExecutionProvider"])
         outs.append(session.run(["frame_hr"], feeds)[0])
         optimized = onnx.load(opts.optimized_model_filepath).graph
         weights = _initializers(onnx.load(opts.optimized_model_filepath))
-        channels = [weights[n.input[3]].shape[0] for n in optimized.node if n.op_type == "QLinearConv"]
-        assert 12 in channels if block == 1 else all(c % block == 0 for c in channels), channels
+        channels = [weights[n.input[3]].shape[:2] for n in optimized.node if n.op_type == "QLinearConv"]
+        if block == 1:
+            assert any(out == 12 for out, _ in channels) and any(inp == 3 for _, inp in channels), channels
+        else:
+            assert all(out % block == 0 and inp % group == 0 for out, inp in channels), channels
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
@@ -328,6 +339,10 @@ def test_shipped_checkpoint_int8_needs_no_video_and_keeps_test_split_quality(tmp
     calibration = export_dir.manifest["precisions"]["int8"]["quantization"]["calibration"]
     assert calibration["shipped"] and "retalk5" not in calibration["source"]  # calibrated on the training split only
     _assert_int8_logits_where_keys_are_int8(export_dir)
+    frame = onnx.load(str(export_dir.graph_path("frame", "int8")))
+    producer = {o: n for n in frame.graph.node for o in n.output}
+    [residual] = [n for n in frame.graph.node if n.output[0] == "frame_hr"]  # the float bicubic frame + the RGB phases
+    assert residual.op_type == "Add" and [producer[i].op_type for i in residual.input] == ["DepthToSpace"] * 2
     _, test_videos = split_videos(videos_or_skip())
     config = load_checkpoint().config
     models = {p: SessionModel(open_session("ort", export_dir.path, p), config) for p in ("fp32", "int8")}
