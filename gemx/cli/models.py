@@ -91,7 +91,7 @@ def render_export(result) -> None:
         float_keys = [i["name"] for i in int8["graphs"]["frame"]["inputs"] if i["name"].startswith("key_") and i["dtype"] != "int8"]
         logits = f", the logits over {', '.join(float_keys)} (fewer than {INT8_KEY_MIN_CHANNELS} channels)" if float_keys else ""
         console.print(f"[dim]INT8: {q['method']}, calibrated on {q['calibration']['frames']} frames of "
-                      f"{lit(q['calibration']['source'])}; kept in FP32: the convolutions that read RGB, the softmax{logits}; "
+                      f"{lit(q['calibration']['source'])}; kept in FP32: the bicubic upsampler, the softmax{logits}; "
                       "the frame graph's head on 2x2 phases (as FP32 but on the frame's outer 2 pixels).[/]")
     trt = Table(title=f"TensorRT parser compatibility (op table of TensorRT {result.trt[0].tensorrt_version})")
     for col in ("graph", "ops", "verdict"):

@@ -8,10 +8,10 @@ symmetric int8 weights, float biases. Quantized: every Conv, and the decoder's s
 output is the frame the network adds its residual to, and a symmetric int8 grid over a frame's [-0.1, 1.1] is coarser
 than its 8-bit pixels. Each encoder's first layer reads RGB in int8 (the frame or references quantized for it alone:
 -0.004 dB on the test split, simulated; its other readers keep the float frame), and the decoder's last
-convolution writes RGB from int8 features. Attention: values, and keys of 64 channels or more (the contract says which), are cached
-in int8 (one calibrated scale each); the products with them run in int8, their other operands at fixed scales
-(queries are unit vectors, probabilities lie in [0, 1]); the softmax, the logits over float keys and the residual
-over the bicubic frame stay FP32. The frame graph quantized is exported with its head on 2x2 phases
+convolution writes RGB from int8 features. Attention: values, and keys of 64 channels or more (the contract says
+which), are cached in int8 (one calibrated scale each); the products with them run in int8, their other operands
+at fixed scales (queries are unit vectors, probabilities lie in [0, 1]); the softmax, the logits over float keys
+and the residual over the bicubic frame stay FP32. The frame graph quantized is exported with its head on 2x2 phases
 (`gemx.model.network.subpixel_head`): the last upsampling folds into the head's first convolution, so both head
 convolutions run at a quarter of the pixels with four times the channels, which int8 convolutions turn into speed,
 and no upsampled tensor is quantized; it differs from the FP32 graph only on the frame's outer 2 pixels.

@@ -104,7 +104,7 @@ def subpixel_head(head: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     speed (see the INT8 graphs in `gemx.exporter.quantize`)."""
     conv1, conv2 = head[0], head[2]
     up = _upsample_taps(x)  # [phase, tap of the full-resolution kernel, tap over x]
-    w1 = torch.einsum("ocyx,ayk,bxl->oabckl", conv1.weight, up, up).flatten(0, 2).flatten(1, 1)
+    w1 = torch.einsum("ocyx,ayk,bxl->oabckl", conv1.weight, up, up).flatten(0, 2)
     y = F.relu(F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), w1, conv1.bias.repeat_interleave(4)))
     moves = _phase_moves(x)  # [output phase, tap of the full-resolution kernel, input phase, tap over the phases]
     w2 = torch.einsum("ocyx,aypk,bxql->oabcpqkl", conv2.weight, moves, moves).flatten(0, 2).flatten(1, 3)
