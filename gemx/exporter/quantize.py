@@ -323,7 +323,7 @@ def _pads_keep_grid(proto: onnx.ModelProto) -> None:
         dq, readers = producer.get(pad.input[0]), consumers.get(pad.output[0], [])
         if (dq is None or dq.op_type != "DequantizeLinear" or not readers or any(r.op_type != "QuantizeLinear" for r in readers)
                 or (mode == "constant" and len(pad.input) > 2 and pad.input[2])):
-            continue
+            continue  # a float input, a float reader, or a constant that may lie off the grid
         for q in readers:
             for n in (q, *consumers.get(q.output[0], [])):
                 n.input[1], n.input[2] = dq.input[1], dq.input[2]

@@ -62,7 +62,7 @@ class _Graph:
     def non_negative(self, tensor: str) -> bool:
         """Written by a Relu or a Softmax, or a Pad of such a tensor's quantized values (zero or edge padding)."""
         source = self.producer.get(tensor)
-        if source is not None and source.op_type == "Pad" and self.dequantized(source.input[0]):
+        if source is not None and source.op_type == "Pad" and self.dequantized(source.input[0]) and _adds_no_values(source):
             q = self.producer.get(self.producer[source.input[0]].input[0])
             return q is not None and q.op_type == QUANTIZE and self.non_negative(q.input[0])
         return source is not None and source.op_type in ("Relu", "Softmax")
@@ -101,6 +101,12 @@ def _uint8_activations(graph: _Graph) -> None:
                  add(np.full(zero.shape, 0 if non_negative else 128, np.uint8), f"{q.output[0]}_u8_zero_point"))
         for n in (q, *users):
             n.input[1], n.input[2] = names
+
+
+def _adds_no_values(pad: onnx.NodeProto) -> bool:
+    """A Pad that copies its input's values (edge, reflect, wrap) or pads zeros."""
+    mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
+    return mode != "constant" or len(pad.input) < 3 or not pad.input[2]
 
 
 def _quantized_pads(graph: _Graph) -> None:
@@ -205,8 +211,9 @@ def _pad_input_channels(graph: _Graph, conv: onnx.NodeProto) -> None:
     x_dq, w_dq = graph.producer[conv.input[0]], graph.producer[conv.input[1]]
     weights = graph.value(w_dq.input[0])
     extra = -weights.shape[1] % CONV_INPUT_GROUP
-    if not extra or len(graph.consumers[w_dq.output[0]]) > 1 or len(graph.consumers[x_dq.output[0]]) > 1:
-        return  # whole groups already, or weights or a dequantized input this Conv does not own alone
+    grouped = any(a.name == "group" and a.i != 1 for a in conv.attribute)
+    if not extra or grouped or len(graph.consumers[w_dq.output[0]]) > 1 or len(graph.consumers[x_dq.output[0]]) > 1:
+        return  # whole groups already, a grouped Conv, or weights or a dequantized input this Conv does not own alone
     zeros = np.zeros((weights.shape[0], extra, *weights.shape[2:]), weights.dtype)
     w_dq.input[0] = graph.add(np.concatenate([weights, zeros], axis=1), f"{w_dq.input[0]}_in{weights.shape[1] + extra}")
     zero_point = x_dq.input[2]  # the padded channels hold the zero point: they dequantize to 0
