@@ -319,14 +319,19 @@ def _pads_keep_grid(proto: onnx.ModelProto) -> None:
     g = proto.graph
     producer, consumers = graph_links(g)
     for pad in [n for n in g.node if n.op_type == "Pad"]:
-        mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
         dq, readers = producer.get(pad.input[0]), consumers.get(pad.output[0], [])
         if (dq is None or dq.op_type != "DequantizeLinear" or not readers or any(r.op_type != "QuantizeLinear" for r in readers)
-                or (mode == "constant" and len(pad.input) > 2 and pad.input[2])):
+                or not pad_adds_no_values(pad)):
             continue  # a float input, a float reader, or a constant that may lie off the grid
         for q in readers:
             for n in (q, *consumers.get(q.output[0], [])):
                 n.input[1], n.input[2] = dq.input[1], dq.input[2]
+
+
+def pad_adds_no_values(pad: onnx.NodeProto) -> bool:
+    """A Pad that copies its input's values (edge, reflect, wrap) or pads zeros."""
+    mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
+    return mode != "constant" or len(pad.input) < 3 or not pad.input[2]
 
 
 def drop_unused_initializers(g: onnx.GraphProto) -> None:

@@ -115,8 +115,8 @@ def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResul
             "optimization_level": "extended",
         }
         if precision == "int8":
-            record["prepared"] = ("uint8 activations, int32 biases, output channels in blocks of 16 for ONNX Runtime's x86 "
-                                  "kernels (gemx.runtimes.ort_int8)")
+            record["prepared"] = ("uint8 activations, int32 biases, whole channel blocks, pads of uint8 tensors, one-node unit "
+                                  "queries, for ONNX Runtime's x86 kernels (gemx.runtimes.ort_int8)")
             record["preparation_revision"] = PREPARATION_REVISION
         write_record(tmp, record)
     result = BuildResult("ort-cpu", out, record)

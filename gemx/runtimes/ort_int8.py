@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from gemx.exporter.quantize import drop_unused_initializers, graph_links
+from gemx.exporter.quantize import drop_unused_initializers, graph_links, pad_adds_no_values
 
 QUANTIZE, DEQUANTIZE = "QuantizeLinear", "DequantizeLinear"
 PREPARATION_REVISION = 4  # bumped with each change to what prepare_for_ort_cpu writes; older builds are not used
@@ -39,10 +39,14 @@ class _Graph:
     def __init__(self, graph: onnx.GraphProto):
         self.g = graph
         self.inits = {i.name: i for i in graph.initializer}
-        self.producer, self.consumers = graph_links(graph)
+        self.relink()
 
     def value(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.inits[name])
+
+    def relink(self) -> None:
+        """Producers and readers again, after a pass that removed or rewired nodes."""
+        self.producer, self.consumers = graph_links(self.g)
 
     def add(self, array: np.ndarray, name: str) -> str:
         self.g.initializer.append(numpy_helper.from_array(array, name))
@@ -62,7 +66,7 @@ class _Graph:
     def non_negative(self, tensor: str) -> bool:
         """Written by a Relu or a Softmax, or a Pad of such a tensor's quantized values (zero or edge padding)."""
         source = self.producer.get(tensor)
-        if source is not None and source.op_type == "Pad" and self.dequantized(source.input[0]) and _adds_no_values(source):
+        if source is not None and source.op_type == "Pad" and self.dequantized(source.input[0]) and pad_adds_no_values(source):
             q = self.producer.get(self.producer[source.input[0]].input[0])
             return q is not None and q.op_type == QUANTIZE and self.non_negative(q.input[0])
         return source is not None and source.op_type in ("Relu", "Softmax")
@@ -103,12 +107,6 @@ def _uint8_activations(graph: _Graph) -> None:
             n.input[1], n.input[2] = names
 
 
-def _adds_no_values(pad: onnx.NodeProto) -> bool:
-    """A Pad that copies its input's values (edge, reflect, wrap) or pads zeros."""
-    mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
-    return mode != "constant" or len(pad.input) < 3 or not pad.input[2]
-
-
 def _quantized_pads(graph: _Graph) -> None:
     """DQ -> Pad -> Q on one grid (see `_pads_keep_grid` in the quantizer) becomes a Pad of the quantized tensor:
     no float copy of it, and ONNX Runtime pads the uint8 tensor in its NHWC layout."""
@@ -125,7 +123,7 @@ def _quantized_pads(graph: _Graph) -> None:
         graph.g.node.remove(q)
         if len(graph.consumers[dq.output[0]]) == 1:
             graph.g.node.remove(dq)
-    graph.producer, graph.consumers = graph_links(graph.g)
+    graph.relink()
 
 
 LAYOUT_ONLY = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")
@@ -154,7 +152,7 @@ def _unit_rows(graph: _Graph) -> None:
         graph.g.node.insert(list(graph.g.node).index(div), unit)
         for n in (norm, clip, div):
             graph.g.node.remove(n)
-    graph.producer, graph.consumers = graph_links(graph.g)
+    graph.relink()
 
 
 def _dequantized_values(graph: _Graph, tensor: str) -> bool:
