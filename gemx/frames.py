@@ -91,6 +91,16 @@ def square_crop_resize(frame: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(crop).resize((size, size), Image.LANCZOS))
 
 
+def as_array(x: object, name: str) -> np.ndarray:
+    """What the Python API takes as frames: a numpy array or a torch tensor (detached and moved to the CPU, so a
+    tensor that requires grad or lives on a GPU is read, not refused); anything else is one GemxError."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    raise GemxError(f"{name} must be a numpy array or a torch tensor of float32 pixels in [0, 1], got {type(x).__name__}")
+
+
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] in [0, 1]."""
     t = torch.from_numpy(np.array(frames, dtype=np.float32)).div_(255)  # a copy: cached frames are read-only

@@ -24,6 +24,11 @@ from pathlib import Path
 from gemx.errors import GemxError
 
 TMP_MARK = ".gemx-"
+# Every folder gemx writes lists its files here when it moves into place (as pip's RECORD does for a package):
+# --force replaces only what this lists, never a file a user put there afterwards.
+INVENTORY = ".gemx-files.json"
+# What programs gemx runs write into its folders after the fact (Python's bytecode beside a Triton model).
+WRITTEN_LATER = ("__pycache__",)
 _stop = {"requested": False}
 
 
@@ -52,7 +57,8 @@ def _last_check(path: Path) -> None:
         raise KeyboardInterrupt
 
 
-def check_target(path: Path, force: bool, ours: Callable[[Path], bool], what: str, option: str = "--out") -> None:
+def check_target(path: Path, force: bool, ours: Callable[[Path], bool], what: str, option: str = "--out",
+                 written_later: tuple[str, ...] = ()) -> None:
     """Refuse, before any work, a target the final move would refuse too (it checks again at the move)."""
     path = Path(path)
     if not path.exists():
@@ -63,6 +69,56 @@ def check_target(path: Path, force: bool, ours: Callable[[Path], bool], what: st
         raise GemxError(f"{path} exists and is not {what}; choose another {option} (gemx will not replace it)")
     if not force:
         raise GemxError(f"{path} already holds {what}; pass --force to replace it or choose another {option}")
+    refuse_foreign(path, option, written_later)
+
+
+def foreign_files(path: Path, written_later: tuple[str, ...] = ()) -> list[str] | None:
+    """Files under a folder gemx wrote that its inventory does not list (a sub-folder with an inventory of its own,
+    such as a build inside an export, is judged by that one); None when the folder has no inventory."""
+    listed = _inventory(Path(path))
+    if listed is None:
+        return None
+    return _unlisted(Path(path), Path(path), listed, (*WRITTEN_LATER, *written_later))
+
+
+def _inventory(path: Path) -> set[str] | None:
+    files = json_field(path / INVENTORY, "files")
+    return set(files) if isinstance(files, list) else None
+
+
+def _unlisted(root: Path, folder: Path, listed: set[str], later: tuple[str, ...]) -> list[str]:
+    found = []
+    for entry in sorted(folder.iterdir()):
+        rel = entry.relative_to(root).as_posix()
+        if entry.name in later or rel == INVENTORY:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            nested = foreign_files(entry, later)
+            found += [f"{rel}/{f}" for f in nested] if nested is not None else _unlisted(root, entry, listed, later)
+        elif rel not in listed:
+            found.append(rel)
+    return found
+
+
+def refuse_foreign(path: Path, option: str | None = "--out", written_later: tuple[str, ...] = ()) -> None:
+    """--force replaces what gemx wrote: a folder holding anything else (a user's NOTES.md) is refused, naming it."""
+    path = Path(path)
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    foreign = foreign_files(path, written_later)
+    if foreign is None:
+        raise GemxError(f"{path} does not list the files gemx wrote in it (an older gemx made it), so --force cannot tell "
+                        "them from yours; check it holds nothing of yours and remove it"
+                        + (f", or choose another {option}" if option else ""))
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise GemxError(f"{path} holds files gemx did not write ({', '.join(foreign[:3])}{more}); --force replaces only "
+                        f"what gemx wrote: move them out of it" + (f", or choose another {option}" if option else ""))
+
+
+def _write_inventory(folder: Path) -> None:
+    files = sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*") if not f.is_dir())
+    (folder / INVENTORY).write_text(json.dumps({"files": files}, indent=1) + "\n")
 
 
 def json_field(path: Path, key: str) -> object:
@@ -171,23 +227,28 @@ def _move_no_replace(tmp: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path, replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it takes `path`'s place in one rename.
+def atomic_dir(path: Path, replaceable: Callable[[Path], bool] | None = None,
+               written_later: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success it takes `path`'s place in one rename, with an
+    inventory of its files.
 
     Whatever is at `path` at that moment is replaced only if `replaceable(path)` says it may be (the
-    caller's --force, and the folder being one gemx wrote); otherwise it is left alone and this raises.
+    caller's --force, and the folder being one gemx wrote) and it holds nothing its inventory does not list
+    (or names in `written_later`); otherwise it is left alone and this raises.
     """
     path = Path(path)
     tmp = _tmp_sibling(path, directory=True)
     old = None
     try:
         yield tmp
+        _write_inventory(tmp)
         tmp.chmod(0o777 & ~_umask())
         _last_check(path)
         if path.exists() or path.is_symlink():
             if replaceable is None or not replaceable(path):
                 raise GemxError(f"{path} appeared or changed while gemx was writing it; left it alone "
                                 "(choose another output, or pass --force if it is gemx's own)")
+            refuse_foreign(path, None, written_later)
             old = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-old.tmp"
             path.rename(old)
         tmp.rename(path)

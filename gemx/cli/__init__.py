@@ -5,23 +5,36 @@ becomes one red line (printed literally) and exit code 1.
 """
 
 import signal
+import sys
 
 from gemx.cli import models, profile, serve, training, video  # noqa: F401  (registers the commands)
-from gemx.cli._app import app
-from gemx.fs import request_stop
+from gemx.cli._app import app, command_running, fail
+from gemx.fs import request_stop, stop_requested
+
+STOPS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _stop(signum, frame) -> None:
+    """Ctrl-C and SIGTERM stop the running command like Ctrl-C: its atomic writes clean up, it exits 130.
+
+    Only the first stop raises, and only while a command runs: outside one (parsing, or after the command
+    returned, its files whole) nothing is being written, so a stop there must not become a KeyboardInterrupt
+    that escapes to the interpreter, which would then kill itself by SIGINT's default action (exit -2)."""
+    first = not stop_requested()
     request_stop()
-    raise KeyboardInterrupt
+    if first and command_running():
+        raise KeyboardInterrupt
 
 
 def main() -> None:
-    stops = (signal.SIGINT, signal.SIGTERM)
-    for sig in stops:  # SIGTERM cleans up like Ctrl-C
+    for sig in STOPS:
         signal.signal(sig, _stop)
     try:
         app(prog_name="gemx")
+    except KeyboardInterrupt:  # last resort: a stop raised in the instant a command was ending
+        fail("interrupted; nothing half-written was left behind", 130)
+        sys.exit(130)
     finally:  # the command has ended, its files are whole: a stop while the interpreter exits changes nothing
-        for sig in stops:
+        for sig in STOPS:
             signal.signal(sig, signal.SIG_IGN)
+

@@ -44,8 +44,12 @@ def command(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _running["command"] = True
         try:
-            result = fn(*args, **kwargs)
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                _running["command"] = False  # from here a stop signal only records itself (see gemx.cli._stop)
             if stop_requested():  # the signal's KeyboardInterrupt was lost in a finalizer; no commit happened after it
                 raise KeyboardInterrupt
             return result
@@ -58,6 +62,14 @@ def command(fn):
             raise fail("interrupted; nothing half-written was left behind", 130) from None
 
     return app.command()(wrapper)
+
+
+_running = {"command": False}
+
+
+def command_running() -> bool:
+    """Whether a command's own work is under way (a stop signal then interrupts it; outside, it only stops it)."""
+    return _running["command"]
 
 
 def _load_model(ckpt: Path | None, preset_name: str | None):

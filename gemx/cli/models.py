@@ -109,7 +109,7 @@ def build(
     fp16: Annotated[bool, typer.Option("--fp16", help="FP16 TensorRT engines (needs an NVIDIA GPU and TensorRT)")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="INT8 from the export's QDQ graphs: TensorRT engines, or ORT CPU graphs")] = False,
     refs_min: Annotated[int, typer.Option(help="smallest reference count of the engine profile")] = 1,
-    refs_opt: Annotated[int, typer.Option(help="reference count TensorRT tunes for")] = 5,
+    refs_opt: Annotated[int | None, typer.Option(help="reference count TensorRT tunes for (default: 5, at most --refs-max)")] = None,
     refs_max: Annotated[int | None, typer.Option(help="largest reference count (default: the export's max)")] = None,
     timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache to reuse across builds")] = None,
     frames: Annotated[Path | None, typer.Option(help="video to check accuracy on (default: synthetic frames)")] = None,

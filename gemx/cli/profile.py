@@ -44,6 +44,7 @@ def profile(
 
     outputs = ((json_out, report.write_json), (csv_out, report.write_csv), (plot_out, report.plot))
     check_outputs([path for path, _ in outputs], force)  # before the sweep, not after it
+    report.check_plot_path(plot_out)
     opts = ProfileOptions(_int_list(refs, "--refs"), _int_list(block_sizes, "--block-sizes") if block_sizes else None,
                           [r.strip() for r in runtime.split(",") if r.strip()],
                           ["fp16"] if fp16 else [p.strip() for p in precision.split(",") if p.strip()], warmup, iters, seconds,

@@ -26,6 +26,7 @@ from gemx.model.config import ModelConfig
 REFS = "refs"
 PRECISIONS = ("fp32", "fp16", "int8")  # int8: QDQ graphs with float frames in and out, an int8 reference cache
 INT8_KEY_MIN_CHANNELS = 64  # keys of fewer channels stay float32 in the INT8 contract (see the layout above)
+MAX_REFS = 64  # the most references an export validates (the paper measures up to 10)
 
 
 @dataclass(frozen=True)

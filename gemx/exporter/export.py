@@ -16,9 +16,9 @@ import onnx
 import torch
 
 from gemx.errors import GemxError, check_positive
-from gemx.exporter.contract import Contract
+from gemx.exporter.contract import MAX_REFS, Contract
 from gemx.exporter.graphs import FrameGraph, ReferenceEncoderGraph
-from gemx.exporter.manifest import graph_entry, is_export, new_manifest, sha256, write_manifest
+from gemx.exporter.manifest import WRITTEN_LATER, graph_entry, is_export, new_manifest, sha256, write_manifest
 from gemx.exporter.onnx_export import DEFAULT_OPSET, check_opset, export_graph, strip_build_metadata
 from gemx.exporter.quantize import (
     METHOD,
@@ -94,12 +94,14 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
     check_opset(opts.opset)
     if opts.max_refs < 2:
         raise GemxError("--max-refs must be at least 2 (graphs are exported from a 2-reference example)")
+    if opts.max_refs > MAX_REFS:
+        raise GemxError(f"--max-refs {opts.max_refs} is above the {MAX_REFS} references gemx validates; use at most {MAX_REFS}")
     ckpt = load_checkpoint(ckpt_path)
     model = with_block_size(ckpt.model, opts.block_size)
     cfg = model.config
     Contract(cfg)  # refuses models without references before any work
     out = Path(opts.out) if opts.out else default_out_dir(ckpt, cfg.block_size)
-    check_target(out, opts.force, is_export, "a gemx export")
+    check_target(out, opts.force, is_export, "a gemx export", written_later=WRITTEN_LATER)
     refs_list = sorted({r for r in (*VALIDATE_REFS, opts.max_refs) if r <= opts.max_refs})
     ckpt_sha = sha256(ckpt.path)
     calib = _int8_calibration(ckpt.path, ckpt_sha, opts) if opts.int8 else None  # refused before any work
@@ -107,7 +109,7 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
     params = sum(p.numel() for p in model.parameters())
     manifest = new_manifest(cfg, params, opts.opset, opts.max_refs, refs_list, {"file": ckpt.path.name, "sha256": ckpt_sha})
     result = ExportResult(out, manifest, frames_source=source)
-    with atomic_dir(out, replaceable=lambda p: opts.force and is_export(p)) as tmp:
+    with atomic_dir(out, replaceable=lambda p: opts.force and is_export(p), written_later=WRITTEN_LATER) as tmp:
         for precision in ("fp32", "fp16") if opts.fp16 else ("fp32",):
             progress(f"exporting {precision} graphs")
             contract = Contract(cfg, precision)

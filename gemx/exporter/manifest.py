@@ -21,6 +21,11 @@ VERSION = 1
 # quantization), so that an export cached by an older gemx is made again instead of measured as if current.
 GRAPHS_REVISION = 7
 MANIFEST = "manifest.json"
+# What runtimes write into an export after it was made (ONNX Runtime's TensorRT engine cache, TensorRT's timing
+# cache): gemx's too, so `gemx export --force` may replace them with the rest.
+TRT_EP_CACHE = "ort_trt_cache"
+TIMING_CACHE = "timing.cache"
+WRITTEN_LATER = (TRT_EP_CACHE, TIMING_CACHE)
 
 
 def sha256(path: Path) -> str:

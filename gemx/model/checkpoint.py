@@ -66,6 +66,7 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
                         "(gemx loads only plain tensors and settings, never pickled code)") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise GemxError(f"{path} is not a gemx checkpoint (no '{FORMAT}' header); gemx loads checkpoints written by `gemx train`")
+    _check_fields(path, payload)
     if payload.get("version", 0) > VERSION:
         raise GemxError(f"checkpoint {path} has format version {payload['version']}; this gemx reads up to {VERSION}, upgrade gemx")
     try:
@@ -75,6 +76,11 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     state = payload.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise GemxError(f"checkpoint {path} has no state dict of tensors; gemx loads checkpoints written by `gemx train`")
+    own = model.state_dict()
+    wrong = next((k for k, v in state.items() if k in own and own[k].is_floating_point() and not v.is_floating_point()), None)
+    if wrong is not None:
+        raise GemxError(f"checkpoint {path} has non-floating weights ({wrong} is {str(state[wrong].dtype).removeprefix('torch.')}, "
+                        f"the model needs floating point); gemx loads checkpoints written by `gemx train`")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a weight of the wrong shape
@@ -87,6 +93,43 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
                         "it cannot produce frames: use an earlier checkpoint of the run")
     model.eval()
     return Checkpoint(model, payload.get("meta", {}), payload.get("train_state"), path)
+
+
+# Every top-level field but the config (ModelConfig checks its own) and the state dict (checked against the model):
+# its types, and what a user reads when they are wrong. Fields that are absent take their defaults.
+_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "version": ((int,), "an integer"),
+    "meta": ((dict,), "a mapping"),
+    "train_state": ((dict, type(None)), "a mapping or empty"),
+}
+_TRAIN_STATE: dict[str, tuple[tuple[type, ...], str]] = {
+    "step": ((int,), "an integer"),
+    "optimizer": ((dict,), "a mapping"),
+    "config": ((dict,), "a mapping"),
+}
+
+
+def _check_fields(path: Path, payload: dict) -> None:
+    """Refuse metadata of the wrong type in one line, before anything compares or indexes it."""
+    def check(where: str, value: object, types: tuple[type, ...], what: str) -> None:
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise GemxError(f"checkpoint {path}: {where} must be {what}, got {type(value).__name__} {value!r:.40}; "
+                            "gemx loads checkpoints written by `gemx train`")
+
+    for name, (types, what) in _FIELDS.items():
+        if name in payload:
+            check(f"'{name}'", payload[name], types, what)
+    train = payload.get("meta", {}).get("train", {})
+    check("'meta.train'", train, (dict,), "a mapping")
+    if "wall_seconds" in train:
+        check("'meta.train.wall_seconds'", train["wall_seconds"], (int, float), "a number")
+    state = payload.get("train_state")
+    for name, (types, what) in _TRAIN_STATE.items():
+        if state is not None:
+            check(f"'train_state.{name}'", state.get(name), types, what)
+    if state is not None:
+        for name in ("seed", "steps"):
+            check(f"'train_state.config.{name}'", state["config"].get(name), (int,), "an integer")
 
 
 def default_checkpoint_path() -> Path:

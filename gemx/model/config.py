@@ -12,6 +12,11 @@ from gemx.errors import GemxError
 
 ARCHS = ("attention", "sisr", "coarse")
 SCALES = (4, 8)
+# What the model can sensibly be (the paper's model: 384x384, 512 channels). Configs beyond these fail inside
+# torch's allocator, so they are refused first, in one line that names the bound.
+MAX_SIZE = 4096
+MAX_CHANNELS = 1024
+MAX_BYTES = 2 << 30  # of the weights, and of the largest activation of one frame
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,14 @@ class ModelConfig:
             raise GemxError(f"scale {self.scale} is not supported; use 4 or 8")
         if len(self.channels) != 3 or min(self.channels) < 1:
             raise GemxError(f"channels must be three positive numbers, got {self.channels}")
+        if self.size > MAX_SIZE:
+            raise GemxError(f"frame size {self.size} is above the {MAX_SIZE} gemx supports")
+        if max(self.channels) > MAX_CHANNELS:
+            raise GemxError(f"channels {list(self.channels)} exceed the {MAX_CHANNELS} per level gemx supports")
+        if self.activation_bytes > MAX_BYTES:
+            raise GemxError(f"frame size {self.size} with {self.channels[0]} channels at the finest level needs "
+                            f"{self.activation_bytes / 2**30:.1f} GiB per activation, above the {MAX_BYTES >> 30} GiB gemx "
+                            "supports; use a smaller size or fewer channels")
         if self.size % 8 or self.size % self.scale:
             raise GemxError(f"frame size {self.size} must be a multiple of 8 and of the scale {self.scale}")
         if self.arch == "attention":
@@ -70,6 +83,11 @@ class ModelConfig:
     @property
     def level_sizes(self) -> tuple[int, int, int]:
         return (self.size // 2, self.size // 4, self.size // 8)
+
+    @property
+    def activation_bytes(self) -> int:
+        """The largest float32 activation of one frame: the finest features, upsampled to the full frame."""
+        return 4 * self.channels[0] * self.size * self.size
 
     @property
     def grid(self) -> int:

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gemx.errors import GemxError
-from gemx.model.config import ModelConfig
+from gemx.model.config import MAX_BYTES, ModelConfig
 from gemx.model.lr import synthesize_lr, upsample_bicubic
 
 INITIAL_TEMPERATURE = 0.1  # cosine logits / 0.1: a softmax over [-10, 10], sharp enough to copy, soft enough to learn
@@ -330,4 +330,10 @@ class GeminoAttention(nn.Module):
 
 
 def build_model(config: ModelConfig) -> GeminoAttention:
+    """The model of a config, refused in one line when its weights alone would exceed what gemx supports."""
+    with torch.device("meta"):  # counts the parameters without allocating them
+        params = sum(p.numel() for p in GeminoAttention(config).parameters())
+    if 4 * params > MAX_BYTES:
+        raise GemxError(f"channels {list(config.channels)} make {params / 1e9:.1f} G parameters ({4 * params / 2**30:.1f} GiB), "
+                        f"above the {MAX_BYTES >> 30} GiB gemx supports; use fewer channels")
     return GeminoAttention(config)

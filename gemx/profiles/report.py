@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from gemx.errors import GemxError
 from gemx.fs import atomic_write
 from gemx.profiles.sweep import EXACT_DB, ProfileResult, ProfileRow
 
@@ -84,6 +85,18 @@ def write_csv(result: ProfileResult, path: Path, overwrite: bool = False) -> Non
     atomic_write(path, write, overwrite)
 
 
+def check_plot_path(path: Path | None) -> None:
+    """Refuse, before a sweep, a plot file whose format matplotlib cannot write (no suffix means PNG)."""
+    if path is None or not Path(path).suffix:
+        return
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(path).suffix.lstrip(".").lower() not in formats:
+        raise GemxError(f"cannot plot to {path}: {Path(path).suffix} is not an image format; use one of "
+                        f"{', '.join('.' + f for f in sorted(formats))}")
+
+
 def plot(result: ProfileResult, path: Path, overwrite: bool = False) -> None:
     """Per-frame p50 latency vs reference count: the split runtimes on their own scale (left), and against the
     naive full recompute on a log scale (right), where an order of magnitude would flatten them."""
@@ -120,7 +133,7 @@ def plot(result: ProfileResult, path: Path, overwrite: bool = False) -> None:
     m = result.machine
     fig.suptitle(f"gemx profile on {m['gpu']['name'] if m['gpu'] else m['cpu']}")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"), overwrite)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".").lower() or "png"), overwrite)
     plt.close(fig)
 
 

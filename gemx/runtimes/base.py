@@ -18,6 +18,7 @@ import numpy as np
 
 from gemx.errors import GemxError
 from gemx.exporter.contract import Contract
+from gemx.frames import as_array
 
 # Resampled frames overshoot [0, 1] a little (bicubic ringing); 0-255 pixels are far outside.
 PIXEL_SLACK = 0.25
@@ -57,6 +58,7 @@ class Session(ABC):
         A server holding many streams keeps one cache per stream and passes it to `decode`.
         """
         spec = self.contract.reference_encoder.inputs[0]
+        references = as_array(references, "references")
         references = self._as_input(references, spec.concrete(len(references)) if np.ndim(references) == 4 else None,
                                     "references", "[refs, 3, H, W]")
         r = references.shape[0]
@@ -73,6 +75,7 @@ class Session(ABC):
         """One frame against a cache from `encode`."""
         spec = self.contract.frame.inputs[0]
         self._check_cache(kv)
+        target_lr = as_array(target_lr, "target_lr")
         return self._decode(self._as_input(target_lr, spec.concrete(1), "target_lr", "[1, 3, h, w]"), kv)
 
     def _check_cache(self, kv: Any) -> None:
@@ -87,6 +90,7 @@ class Session(ABC):
                                 "use a cache encoded by a session of the same precision")
 
     def set_references(self, references: np.ndarray) -> None:
+        references = as_array(references, "references")
         self._kv = self.encode(references)
         self.num_references = len(references)
 

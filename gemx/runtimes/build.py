@@ -11,6 +11,7 @@ Every build ends with an accuracy gate against the FP32 ONNX graphs on real fram
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from gemx.errors import GemxError, check_positive
-from gemx.exporter.manifest import ExportDir, read_export_dir, sha256
+from gemx.exporter.manifest import TIMING_CACHE, ExportDir, read_export_dir, sha256
 from gemx.exporter.validate import psnr_db
 from gemx.frames import sample_frames
-from gemx.fs import atomic_dir, atomic_write
+from gemx.fs import atomic_dir, atomic_write, refuse_foreign
 from gemx.model.lr import downsample
 from gemx.runtimes.build_record import RECORD, engine_dir, is_build, write_record
 from gemx.runtimes.gpu import detect_gpu, tensorrt_version
@@ -31,12 +32,15 @@ def ort_cpu_dir(precision: str) -> str:
     return "ort_cpu" if precision == "fp32" else f"ort_cpu_{precision}"
 
 
+DEFAULT_REFS_OPT = 5
+
+
 @dataclass
 class BuildOptions:
     fp16: bool = False
     int8: bool = False
     refs_min: int = 1
-    refs_opt: int = 5
+    refs_opt: int | None = None  # default: 5, or the largest count the build runs when that is fewer
     refs_max: int | None = None  # default: the export's max
     timing_cache: Path | None = None
     force: bool = False
@@ -63,6 +67,8 @@ class BuildResult:
 def build(export_path: Path, opts: BuildOptions, progress=lambda msg: None) -> BuildResult:
     export = read_export_dir(export_path)
     refs_max = opts.refs_max or export.max_refs
+    if opts.refs_opt is None:
+        opts = dataclasses.replace(opts, refs_opt=max(opts.refs_min, min(DEFAULT_REFS_OPT, refs_max)))
     if not 1 <= opts.refs_min <= opts.refs_opt <= refs_max:
         raise GemxError(f"need 1 <= --refs-min ({opts.refs_min}) <= --refs-opt ({opts.refs_opt}) <= --refs-max ({refs_max})")
     if refs_max > export.max_refs:
@@ -86,6 +92,7 @@ def _claim(out: Path, force: bool) -> None:
         raise GemxError(f"{out} exists and is not a gemx build; move it away (gemx will not replace it)")
     if out.exists() and not force:
         raise GemxError(f"{out} already holds a build; pass --force to rebuild it")
+    refuse_foreign(out, None)
 
 
 def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResult:
@@ -144,7 +151,7 @@ def build_tensorrt(export: ExportDir, opts: BuildOptions, refs_max: int, progres
     out = export.path / engine_dir(precision)
     _claim(out, opts.force)
     gpu, _ = detect_gpu()
-    engines, cache = {}, opts.timing_cache or export.path / "timing.cache"
+    engines, cache = {}, opts.timing_cache or export.path / TIMING_CACHE
     with atomic_dir(out, replaceable=lambda p: opts.force and is_build(p)) as tmp:
         for spec in contract.graphs:
             progress(f"building {spec.name} engine ({precision}, refs {opts.refs_min}/{opts.refs_opt}/{refs_max})")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gemx.exporter.contract import GraphSpec
-from gemx.exporter.manifest import ExportDir
+from gemx.exporter.manifest import TRT_EP_CACHE, ExportDir
 from gemx.runtimes.base import Session, missing_backend
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -60,7 +60,7 @@ class OrtSession(Session):
             opts.intra_op_num_threads = threads
         graphs = graphs or {g: export.graph_path(g, precision) for g in ("reference_encoder", "frame")}
         self.frame_graph = graphs["frame"]  # what runs per frame (a path or a serialized graph, for op-level profiling)
-        cache = export.path / "ort_trt_cache"
+        cache = export.path / TRT_EP_CACHE
         self.encoder, self.frame = (
             ort.InferenceSession(ort_source(graphs[spec.name]), opts,
                                  providers=_providers(provider, spec, cache, refs_opt, export.max_refs))

@@ -15,6 +15,7 @@ import numpy as np
 
 from gemx.errors import GemxError
 from gemx.exporter.manifest import ExportDir
+from gemx.frames import as_array
 from gemx.runtimes.base import Session, missing_backend
 from gemx.runtimes.build_record import check_engine_record, read_engine_record
 
@@ -44,6 +45,7 @@ class TensorRTSession(Session):
                             f"rebuild with --refs-min {len(references)}")
 
     def set_references(self, references: np.ndarray) -> None:
+        references = as_array(references, "references")
         self._check_profile(references)
         self._kv = super().encode(references)  # device-resident; the next encode reuses these buffers
         self.num_references = len(references)
@@ -51,6 +53,7 @@ class TensorRTSession(Session):
     def encode(self, references: np.ndarray) -> Any:
         """A cache kept apart from the session (one per stream in a server) must outlive the next encode,
         which reuses the runner's device buffers: it is copied to the host."""
+        references = as_array(references, "references")
         self._check_profile(references)
         return {name: view.numpy() for name, view in super().encode(references).items()}
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from gemx.errors import GemxError
 from gemx.exporter.contract import Contract
+from gemx.frames import as_array
 from gemx.model.config import ModelConfig
 from gemx.serving.repository import KV_BYTES_OUTPUT, MODEL_NAME, STREAMS_OUTPUT
 from gemx.serving.streams import RESEND
@@ -68,7 +69,7 @@ class RemoteStream:
     # -- Session-like interface ------------------------------------------------------------------
     def set_references(self, references: np.ndarray) -> None:
         spec = self.contract.reference_encoder.inputs[0]
-        references = np.asarray(references)
+        references = as_array(references, "references")
         if references.ndim != 4 or references.shape[1:] != spec.concrete(1)[1:] or not len(references):
             raise GemxError(f"references must be float32 [refs, 3, H, W] = [refs, {', '.join(map(str, spec.shape[1:]))}], "
                             f"got shape {list(references.shape)}")
@@ -80,7 +81,7 @@ class RemoteStream:
     def __call__(self, target_lr: np.ndarray) -> np.ndarray:
         if self._references is None:
             raise GemxError("no references set: call set_references(frames) before running frames")
-        target_lr = np.ascontiguousarray(target_lr, np.float32)
+        target_lr = np.ascontiguousarray(as_array(target_lr, "target_lr"), np.float32)
         for _ in range(3):
             start, refs = not self._started, self._send_references or not self._started
             try:

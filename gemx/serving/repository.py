@@ -23,7 +23,7 @@ from pathlib import Path
 import gemx
 from gemx.errors import GemxError, check_positive
 from gemx.exporter.contract import Contract, TensorSpec
-from gemx.exporter.manifest import MANIFEST, ExportDir, read_export_dir, sha256
+from gemx.exporter.manifest import MANIFEST, WRITTEN_LATER, ExportDir, read_export_dir, sha256
 from gemx.fs import atomic_dir, check_target, json_field
 from gemx.runtimes.registry import check_precision
 
@@ -97,7 +97,7 @@ def write_repository(export_path: Path, out: Path, opts: TritonOptions) -> Repos
     }
     with atomic_dir(Path(out), replaceable=lambda p: opts.force and is_repository(p)) as tmp:
         model = tmp / MODEL_NAME
-        shutil.copytree(export.path, model / "1" / "export", ignore=shutil.ignore_patterns("ort_trt_cache", ".*"))
+        shutil.copytree(export.path, model / "1" / "export", ignore=shutil.ignore_patterns(*WRITTEN_LATER, ".*"))
         (model / "1" / "model.py").write_text(MODEL_PY)
         (model / "config.pbtxt").write_text(model_config_text(contract, opts, max_refs))
         (model / SERVING_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -82,6 +82,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _dies_with(parent: int):
+    """For Popen's preexec_fn (in the child, before exec): the kernel sends the child SIGTERM, which Triton handles
+    by draining and exiting, when the launcher dies however it dies. Linux's parent-death signal follows the
+    launching thread, so a server is started from a thread that outlives it (the main thread, in gemx)."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def preexec() -> None:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died before the signal was armed
+            os._exit(1)
+
+    return preexec
+
+
 class TritonServer:
     """A `tritonserver` process on 127.0.0.1 serving one repository; a context manager that always stops it.
 
@@ -129,9 +149,10 @@ class TritonServer:
                f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}",
                "--allow-sagemaker=false", "--allow-vertex-ai=false", "--log-verbose=0", "--exit-timeout-secs=3"]
         with open(log_path, "wb") as log:
-            # Its own process group: Ctrl-C in the terminal reaches gemx, which then stops the server itself.
+            # Its own process group: Ctrl-C in the terminal reaches gemx, which then stops the server itself. And it
+            # dies with gemx: a launcher killed by SIGKILL (a supervisor, the OOM killer) cannot stop it itself.
             self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=_dies_with(os.getpid()))
         self._log_path = log_path
         self._wait_ready(timeout_s)
         return self

@@ -19,7 +19,7 @@ import torch
 
 from gemx.errors import GemxError, check_positive
 from gemx.frames import iter_frames, probe, square_crop_resize, to_tensor, to_uint8
-from gemx.fs import atomic_dir
+from gemx.fs import atomic_dir, refuse_foreign
 from gemx.metrics import psnr, ssim_db
 from gemx.model.checkpoint import load_checkpoint
 from gemx.model.lr import downsample, upsample_bicubic
@@ -177,6 +177,7 @@ def _check_output(output: Path, force: bool) -> None:
         raise GemxError(f"cannot write {output}: it is a directory")
     if not force:
         raise GemxError(f"{output} already exists; pass --force to replace it or choose another output")
+    refuse_foreign(output, "output")
 
 
 def _write(output: Path, frames: Iterator[np.ndarray], fps: Fraction, audio_from: Path | None, as_frames: bool,

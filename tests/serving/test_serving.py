@@ -4,11 +4,13 @@ No mocks: every request goes through gRPC streaming, Triton's sequence batcher a
 outputs are compared with local ONNX Runtime sessions over the same graphs.
 """
 
+import contextlib
 import queue
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,6 +337,48 @@ def test_gemx_serve_runs_until_sigterm_and_leaves_no_server(repo):
     assert proc.returncode == 0 and "stopping" in out and "error" not in err, err
     children = subprocess.run(["pgrep", "-f", f"--grpc-port={ports[0]}"], capture_output=True, text=True).stdout.split()
     assert children == []  # the tritonserver it started is gone too
+
+
+def running(pid: int) -> bool:
+    """Whether a process exists and has not exited (an exited one waits as a zombie until its new parent reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_launcher_killed_by_sigkill_takes_its_server_with_it(repo):
+    """A supervisor or the OOM killer sends SIGKILL, which `gemx serve` cannot handle: its tritonserver (in a process
+    group of its own) must still go, and free its ports, or a dead replica keeps serving."""
+    import os
+    import signal
+
+    from gemx.serving.server import port_free
+
+    ports = [free_port() for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "gemx", "serve", str(repo.path), "--grpc-port", str(ports[0]),
+                             "--http-port", str(ports[1]), "--metrics-port", str(ports[2])], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    triton = []
+    try:
+        line = proc.stdout.readline()  # printed once the model is ready
+        assert f"127.0.0.1:{ports[0]}" in line, line + proc.stderr.read()
+        triton = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert len(triton) == 1 and "tritonserver" in Path(f"/proc/{triton[0]}/cmdline").read_text()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        while running(triton[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not running(triton[0]), "tritonserver outlived its killed launcher"
+        assert all(port_free("127.0.0.1", port) for port in ports)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in triton:  # started by this test, through gemx serve: never left behind, whatever failed above
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("args, message", [
