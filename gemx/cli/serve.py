@@ -70,6 +70,36 @@ def serve(
 
 
 @command
+def balance(
+    replicas: Annotated[list[str], typer.Argument(help="gRPC addresses (HOST:PORT) of `gemx serve` replicas of one repository")],
+    grpc_port: Annotated[int, typer.Option(help="port the balancer takes gRPC streams on")] = 8001,
+    listen: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: reachable from other hosts)")] = "127.0.0.1",
+    max_streams: Annotated[int, typer.Option(help="streams each replica takes at once (size it with `gemx loadtest`)")] = 16,
+    timeout: Annotated[int, typer.Option(help="seconds a silent stream or a failed replica is given")] = 10,
+    print_config: Annotated[bool, typer.Option("--print-config", help="print the nginx configuration and exit")] = False,
+):
+    """Run nginx as a gRPC load balancer over Triton replicas until Ctrl-C: each call stays on one replica."""
+    from gemx.serving.balancer import Balancer, BalancerOptions, nginx_config
+
+    opts = BalancerOptions(tuple(replicas), grpc_port, listen, max_streams, timeout)
+    if print_config:
+        console.print(nginx_config(opts), markup=False, highlight=False, soft_wrap=True, end="")
+        return
+    balancer = Balancer(opts).start()
+    try:
+        console.print(f"balancing gRPC streams on {balancer.grpc_url} over {', '.join(replicas)} (at most {max_streams} "
+                      "streams each); Ctrl-C stops it", markup=False, highlight=False)
+        while balancer.process.poll() is None:
+            time.sleep(0.5)
+        raise GemxError(f"nginx exited with code {balancer.process.returncode}: {balancer.error_tail()}")
+    except KeyboardInterrupt:
+        stop_handled()  # Ctrl-C is how a balancer is meant to stop: not an error
+        console.print("stopping")
+    finally:
+        balancer.stop()
+
+
+@command
 def stream(
     url: Annotated[str, typer.Argument(help="gRPC address of a gemx server, e.g. 127.0.0.1:8001")],
     input: Annotated[Path, typer.Argument(help="low-resolution video (with --simulate: a high-resolution one)")],
@@ -119,12 +149,12 @@ def loadtest(
         result = run_loadtest(url, opts, progress=lambda msg: status.update(msg))
     table = Table(title=f"{lit(url)}: streams at {fps:g} fps, {seconds:g} s each, {refs} refs ({result.frame_source})")
     for col in ("mode", "streams", "fps/stream (min)", "p50 ms", "p90 ms", "p99 ms", "late", "dropped", "errors",
-                "server KV MB", "keeps up"):
+                "recovered", "server KV MB", "keeps up"):
         table.add_column(col, justify="left" if col == "mode" else "right")
     for r in result.rows:
         table.add_row(r.mode, str(r.streams), f"{r.fps_min:.1f}", f"{r.p50_ms:.1f}", f"{r.p90_ms:.1f}", f"{r.p99_ms:.1f}",
-                      str(r.late), str(r.dropped), str(r.errors), f"{r.server_kv_mb:.1f}" if r.mode == "server" else "-",
-                      "[green]yes[/]" if r.keeps_up else "[red]no[/]")
+                      str(r.late), str(r.dropped), str(r.errors), str(r.recoveries),
+                      f"{r.server_kv_mb:.1f}" if r.mode == "server" else "-", "[green]yes[/]" if r.keeps_up else "[red]no[/]")
     console.print(table)
     for r in result.rows:
         if r.first_error:

@@ -29,7 +29,14 @@ from gemx.serving.repository import KV_BYTES_OUTPUT, MODEL_NAME, STREAMS_OUTPUT
 from gemx.serving.streams import RESEND
 
 _RESTART = ("must specify the START flag",)  # Triton dropped the sequence itself (its idle timeout)
-_LOST = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "StatusCode.UNKNOWN")
+_LOST = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "StatusCode.UNKNOWN", "Socket closed", "Connection reset")
+# A proxy (nginx `grpc_pass`) resets the HTTP/2 stream when the replica behind it dies mid-stream, which gRPC
+# reports as INTERNAL; the model's own refusals (bad input) never carry an RST_STREAM.
+_RESET = ("RST_STREAM", "Stream removed")
+
+
+def _connection_lost(text: str) -> bool:
+    return any(m in text for m in _LOST) or ("StatusCode.INTERNAL" in text and any(m in text for m in _RESET))
 
 
 class _ConnectionLost(Exception):
@@ -144,7 +151,7 @@ class RemoteStream:
                 raise _ConnectionLost(f"no answer within {self.timeout_s:.0f} s") from None
             if error is not None:
                 text = str(error)
-                if any(m in text for m in _LOST) or "Socket closed" in text or "Connection reset" in text:
+                if _connection_lost(text):
                     raise _ConnectionLost(text)
                 raise GemxError(f"server refused a frame of stream {self.stream_id}: {_message(error)}")
             if result.get_response().id != request_id:

@@ -70,6 +70,7 @@ class LoadRow:
     server_kv_mb: float
     keeps_up: bool
     first_error: str = ""
+    recoveries: int = 0  # streams healed by re-sending their references (eviction, a replica lost behind a balancer)
 
 
 @dataclass
@@ -202,7 +203,8 @@ def _row(mode: str, opts: LoadOptions, stats: list[StreamStats]) -> LoadRow:
     keeps_up = bool(len(lat)) and min(fps) >= KEEPS_UP * opts.fps and p99 < 1e3 / opts.fps and errors == 0
     first = next((s.errors[0] for s in stats if s.errors), "")
     return LoadRow(mode, len(stats), min(fps), float(np.mean(fps)), p50, p90, p99, sum(s.late for s in stats),
-                   sum(s.dropped for s in stats), errors, max(s.server_kv_bytes for s in stats) / 2**20, keeps_up, first)
+                   sum(s.dropped for s in stats), errors, max(s.server_kv_bytes for s in stats) / 2**20, keeps_up, first,
+                   recoveries=sum(s.recoveries for s in stats))
 
 
 def _call_frames(frames: np.ndarray, k: int, refs: int, scale: int) -> tuple[np.ndarray, np.ndarray]:

@@ -85,17 +85,20 @@ def free_port() -> int:
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _dies_with(parent: int):
-    """For Popen's preexec_fn (in the child, before exec): the kernel sends the child SIGTERM, which Triton handles
-    by draining and exiting, when the launcher dies however it dies. Linux's parent-death signal follows the
-    launching thread, so a server is started from a thread that outlives it (the main thread, in gemx)."""
+def dies_with(parent: int | None = None):
+    """For Popen's preexec_fn (in the child, before exec): the kernel sends the child SIGKILL when the launcher dies
+    however it dies. A launcher that could stop its server stops it gracefully (`TritonServer.stop`); one that was
+    killed is a crash, and its server must go at once: Triton's graceful exit waits for its open gRPC streams,
+    which a balancer keeps open, so SIGTERM would leave a dead replica serving. Linux's parent-death signal follows
+    the launching thread, so a server is started from a thread that outlives it (the main thread, in gemx)."""
     if not sys.platform.startswith("linux"):
         return None
+    parent = os.getpid() if parent is None else parent
 
     def preexec() -> None:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the launcher died before the signal was armed
             os._exit(1)
 
@@ -152,7 +155,7 @@ class TritonServer:
             # Its own process group: Ctrl-C in the terminal reaches gemx, which then stops the server itself. And it
             # dies with gemx: a launcher killed by SIGKILL (a supervisor, the OOM killer) cannot stop it itself.
             self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True, preexec_fn=_dies_with(os.getpid()))
+                                            start_new_session=True, preexec_fn=dies_with())
         self._log_path = log_path
         self._wait_ready(timeout_s)
         return self
