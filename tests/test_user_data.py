@@ -252,9 +252,18 @@ def test_an_unsupported_plot_format_is_refused_before_the_sweep(tiny_ckpt, tmp_p
 
 
 # -- 2. artifacts are verified before use -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pristine_export(tmp_path_factory):
+    torch.manual_seed(1)
+    root = tmp_path_factory.mktemp("pristine")
+    save_checkpoint(root / "tiny.pt", build_model(preset("tiny")))
+    return export(root / "tiny.pt", ExportOptions(out=root / "own.export", max_refs=3)).path
+
+
 @pytest.fixture
-def own_export(tiny_ckpt, tmp_path):
-    return export(tiny_ckpt, ExportOptions(out=tmp_path / "own.export", max_refs=3)).path
+def own_export(pristine_export, tmp_path):
+    """A fresh export for each test to damage: a copy of one made once (an export is the same bytes every time)."""
+    return Path(shutil.copytree(pristine_export, tmp_path / "own.export"))
 
 
 def test_flipped_bytes_in_built_graphs_are_caught(own_export):

@@ -100,6 +100,18 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def _size(text: str, what: str) -> tuple[int, int]:
+    """'1280x720' (width x height, as video tools say it) or '256' (a square) -> (height, width)."""
+    parts = text.lower().split("x")
+    try:
+        w, h = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except ValueError:
+        raise GemxError(f"{what} must be WIDTHxHEIGHT in pixels (e.g. 1280x720) or one side for a square, got {text!r}") from None
+    if len(parts) > 2 or min(w, h) < 1:
+        raise GemxError(f"{what} must be WIDTHxHEIGHT in pixels (e.g. 1280x720) or one side for a square, got {text!r}")
+    return h, w
+
+
 def check_outputs(paths: list[Path | None], force: bool) -> None:
     """Refuse, before any work, output files that exist (without --force) or cannot be files."""
     for path in paths:

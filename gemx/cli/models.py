@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from gemx.cli._app import _load_model, _si, command, console, lit
+from gemx.cli._app import _load_model, _si, _size, command, console, lit
 from gemx.errors import GemxError
 
 
@@ -52,15 +52,17 @@ def export(
     int8: Annotated[bool, typer.Option("--int8", help="also write INT8 QDQ graphs (for TensorRT and ONNX Runtime CPU)")] = False,
     calib: Annotated[list[Path] | None, typer.Option(help="INT8 calibration video or folder of videos (repeatable); "
                                                          "the shipped checkpoint has its ranges built in")] = None,
+    max_size: Annotated[str | None, typer.Option(help="largest frame the graphs are validated for, WxH (default 1920x1088)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing export directory")] = False,
 ):
-    """Export split ONNX graphs (reference encoder + per-frame) with a dynamic `refs` axis and a manifest."""
+    """Export split ONNX graphs (reference encoder + per-frame) with dynamic `refs`, height and width, and a manifest."""
     from gemx.exporter.export import ExportOptions
     from gemx.exporter.export import export as run_export
 
     if calib and not int8:
         raise GemxError("--calib calibrates INT8 graphs; add --int8")
-    opts = ExportOptions(out, block_size, opset, max_refs, fp16, simplify, force, frames, int8, list(calib or []))
+    opts = ExportOptions(out, block_size, opset, max_refs, fp16, simplify, force, frames, int8, list(calib or []),
+                         _size(max_size, "--max-size") if max_size else None)
     with console.status("exporting") as status:
         result = run_export(ckpt, opts, progress=lambda msg: status.update(msg))
     render_export(result)
@@ -73,13 +75,15 @@ def render_export(result) -> None:
     goal = {"fp16": FP16_PSNR_GOAL, "int8": INT8_PSNR_GOAL}
 
     table = Table(title=f"parity of the composed graphs (ONNX Runtime CPU, {lit(result.frames_source)})")
-    for col in ("precision", "against", "refs", "max abs error", "PSNR dB", "verdict"):
+    for col in ("precision", "against", "size", "refs", "max abs error", "PSNR dB", "verdict"):
         table.add_column(col)
+    size = result.manifest["model"]["config"]["size"]
     for precision, rows in result.parity.items():
         against = result.manifest["precisions"][precision]["parity_against"]
         for r in rows:
             ok = r.max_abs_error <= FP32_TOLERANCE if precision == "fp32" else r.psnr_db > goal[precision]
-            table.add_row(precision, against, str(r.refs), f"{r.max_abs_error:.2e}", f"{r.psnr_db:.1f}",
+            h, w = r.size or (size, size)
+            table.add_row(precision, against, f"{w}x{h}", str(r.refs), f"{r.max_abs_error:.2e}", f"{r.psnr_db:.1f}",
                           "[green]ok[/]" if ok else "[red]over budget[/]")
     console.print(table)
     if "fp16" in result.parity:
@@ -113,13 +117,18 @@ def build(
     refs_max: Annotated[int | None, typer.Option(help="largest reference count (default: the export's max)")] = None,
     timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache to reuse across builds")] = None,
     frames: Annotated[Path | None, typer.Option(help="video to check accuracy on (default: synthetic frames)")] = None,
+    sizes: Annotated[str | None, typer.Option(help="frame sizes TensorRT tunes for, WxH,... (the first is its optimum; "
+                                                   "default: the training size)")] = None,
+    max_size: Annotated[str | None, typer.Option(help="largest frame an engine takes, WxH (default: the export's)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing build")] = False,
 ):
     """Build TensorRT engines (GPU) or ORT-optimized CPU graphs, then check their accuracy against FP32 ONNX."""
     from gemx.runtimes.build import BuildOptions
     from gemx.runtimes.build import build as run_build
 
-    opts = BuildOptions(fp16, int8, refs_min, refs_opt, refs_max, timing_cache, force, frames)
+    size_list = [_size(t.strip(), "--sizes") for t in sizes.split(",") if t.strip()] if sizes else []
+    opts = BuildOptions(fp16, int8, refs_min, refs_opt, refs_max, timing_cache, force, frames, size_list,
+                        _size(max_size, "--max-size") if max_size else None)
     with console.status("building") as status:
         result = run_build(export_dir, opts, progress=lambda msg: status.update(msg))
     if result.target == "ort-cpu":

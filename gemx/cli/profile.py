@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from gemx.cli._app import _int_list, check_outputs, command, console
+from gemx.cli._app import _int_list, _size, check_outputs, command, console
 from gemx.fs import stop_handled
 
 
@@ -33,6 +33,8 @@ def profile(
     csv_out: Annotated[Path | None, typer.Option("--csv", help="write every figure as CSV")] = None,
     plot_out: Annotated[Path | None, typer.Option("--plot", help="write a latency-vs-references plot (.png)")] = None,
     ops: Annotated[bool, typer.Option("--ops", help="also break ORT CPU per-frame kernel time down by op type")] = False,
+    sizes: Annotated[str | None, typer.Option(help="HR frame sizes, WxH or one side for a square, e.g. 256,640x360,1280x720 "
+                                                   "(default: the training size)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace existing --json/--csv/--plot files")] = False,
 ):
     """Measure reference encoding and per-frame latency, memory and FLOPs across refs, block sizes and runtimes."""
@@ -48,7 +50,8 @@ def profile(
     opts = ProfileOptions(_int_list(refs, "--refs"), _int_list(block_sizes, "--block-sizes") if block_sizes else None,
                           [r.strip() for r in runtime.split(",") if r.strip()],
                           ["fp16"] if fp16 else [p.strip() for p in precision.split(",") if p.strip()], warmup, iters, seconds,
-                          threads, cache_dir, naive, ops, frames, list(calib or []))
+                          threads, cache_dir, naive, ops, frames, list(calib or []),
+                          [_size(t.strip(), "--sizes") for t in sizes.split(",") if t.strip()] if sizes else None)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("preparing", total=None)
         result = run_profile(source, opts, progress=lambda msg, advance=0: bar.update(task, description=msg, advance=advance),

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from gemx.cli._app import _int_list, check_outputs, command, console, lit
+from gemx.cli._app import _int_list, _size, check_outputs, command, console, lit
 from gemx.errors import GemxError
 from gemx.fs import stop_handled
 
@@ -75,7 +75,7 @@ def balance(
     grpc_port: Annotated[int, typer.Option(help="port the balancer takes gRPC streams on")] = 8001,
     listen: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: reachable from other hosts)")] = "127.0.0.1",
     max_streams: Annotated[int, typer.Option(help="streams each replica takes at once (size it with `gemx loadtest`)")] = 16,
-    timeout: Annotated[int, typer.Option(help="seconds a silent stream or a failed replica is given")] = 10,
+    timeout: Annotated[int, typer.Option(help="seconds a silent stream or a failed replica is given")] = 5,
     print_config: Annotated[bool, typer.Option("--print-config", help="print the nginx configuration and exit")] = False,
 ):
     """Run nginx as a gRPC load balancer over Triton replicas until Ctrl-C: each call stays on one replica."""
@@ -108,20 +108,23 @@ def stream(
     refs: Annotated[int, typer.Option(min=1, help="number of references, chosen to be diverse")] = 5,
     simulate: Annotated[bool, typer.Option("--simulate", help="INPUT is HR: make LR + references from it, report PSNR/SSIM")] = False,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="write bicubic | gemx | original side by side")] = False,
+    crop: Annotated[str, typer.Option(help="native (the video's geometry) or square (the paper's protocol)")] = "native",
     force: Annotated[bool, typer.Option("--force", help="replace OUTPUT if it exists")] = False,
 ):
     """Upscale a video through a gemx server as one stream (as `gemx upscale` does in-process)."""
+    from gemx.cli.video import render_geometry
     from gemx.serving.client import RemoteStream
     from gemx.video.upscale import UpscaleOptions, upscale
 
-    opts = UpscaleOptions(references, refs, "server", simulate, side_by_side, force)
+    opts = UpscaleOptions(references, refs, "server", simulate, side_by_side, force, crop=crop)
     with RemoteStream(url) as remote, console.status("streaming") as status:
         result = upscale(input, output, opts, status=lambda msg: status.update(msg),
                          progress=lambda done, total: status.update(f"streaming frame {done}/{total or '?'}"), session=remote)
         recoveries = remote.recoveries
     console.print(f"references: frames {result.reference_indices} of {lit(result.reference_source)} "
                   f"(sent {result.encoder_runs}x, recovered {recoveries}x)", highlight=False)
-    console.print(f"wrote [bold]{lit(result.output)}[/]: {result.frames} frames, {result.size}x{result.size}, "
+    render_geometry(result)
+    console.print(f"wrote [bold]{lit(result.output)}[/]: {result.frames} frames, {result.size[1]}x{result.size[0]}, "
                   f"{float(result.fps):.2f} fps, via {result.runtime}", highlight=False)
     for name, m in result.metrics.items():
         console.print(f"  {name:8s} PSNR {m['psnr']:.2f} dB   SSIM {m['ssim_db']:.2f} dB")
@@ -136,6 +139,7 @@ def loadtest(
     refs: Annotated[int, typer.Option(help="references per stream")] = 5,
     video: Annotated[Path | None, typer.Option(help="HR video to take references and frames from (default: synthetic frames)")] = None,
     repo: Annotated[Path | None, typer.Option(help="the served repository: adds a one-stream row run in this process")] = None,
+    size: Annotated[str | None, typer.Option(help="HR frame size of every call, WxH (default: the model's training size)")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the rows as JSON")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --json file")] = False,
 ):
@@ -144,7 +148,7 @@ def loadtest(
     from gemx.serving.loadtest import loadtest as run_loadtest
 
     check_outputs([json_out], force)
-    opts = LoadOptions(_int_list(streams, "--streams"), fps, seconds, refs, video, repo)
+    opts = LoadOptions(_int_list(streams, "--streams"), fps, seconds, refs, video, repo, _size(size, "--size") if size else None)
     with console.status("load test") as status:
         result = run_loadtest(url, opts, progress=lambda msg: status.update(msg))
     table = Table(title=f"{lit(url)}: streams at {fps:g} fps, {seconds:g} s each, {refs} refs ({result.frame_source})")
@@ -165,7 +169,7 @@ def loadtest(
     if json_out is not None:
         from gemx.fs import atomic_write
 
-        data = {"url": url, "fps": fps, "seconds": seconds, "refs": refs, "frames": result.frame_source,
+        data = {"url": url, "fps": fps, "seconds": seconds, "refs": refs, "size": size, "frames": result.frame_source,
                 "max_streams": result.max_streams, "overhead": result.overhead, "rows": [asdict(r) for r in result.rows]}
         atomic_write(json_out, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"), overwrite=force)
         console.print(f"wrote {json_out}", markup=False, highlight=False)

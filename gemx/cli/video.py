@@ -26,13 +26,16 @@ def upscale(
     simulate: Annotated[bool, typer.Option("--simulate", help="INPUT is HR: make LR + references from it, report PSNR/SSIM")] = False,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="write bicubic | gemx | original side by side")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads")] = None,
+    crop: Annotated[str, typer.Option(help="native: the video's own geometry; square: centre square at the model's "
+                                           "training size (the paper's protocol)")] = "native",
     force: Annotated[bool, typer.Option("--force", help="replace OUTPUT if it exists")] = False,
 ):
     """Super-resolve a talking-head video from a few high-resolution references.
 
-    Frames are centre-cropped to a square and resized to the model's size (LR input: its LR size; with
-    --simulate or for references: its HR size). The output has the model's HR size, the input's frame
-    rate and frame count, and its audio.
+    The output keeps the video's geometry: a W x H LR video becomes (W*scale) x (H*scale), and references must be
+    frames of that size; with --simulate a high-resolution video keeps its size (cropped by at most scale-1 pixels
+    to a multiple of the scale). The output has the input's frame rate, frame count and audio. --crop square
+    centre-crops every frame to a square at the model's training size instead.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -42,7 +45,7 @@ def upscale(
 
     if scale is not None and (trained := load_checkpoint(ckpt).config.scale) != scale:
         raise GemxError(f"--scale {scale} does not match the checkpoint's scale {trained}; pass a checkpoint trained for that scale")
-    opts = UpscaleOptions(references, refs, runtime, simulate, side_by_side, force, threads, precision, list(calib or []))
+    opts = UpscaleOptions(references, refs, runtime, simulate, side_by_side, force, threads, precision, list(calib or []), crop)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} fps"),
                TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
@@ -54,8 +57,17 @@ def upscale(
 
         result = run_upscale(input, output, opts, ckpt, progress=advance, status=lambda msg: bar.update(task, description=msg))
     console.print(f"references: frames {result.reference_indices} of {lit(result.reference_source)} (encoded {result.encoder_runs}x)")
-    console.print(f"wrote [bold]{lit(result.output)}[/]: {result.frames} frames, {result.size}x{result.size}, {float(result.fps):.2f} fps, "
+    render_geometry(result)
+    h, w = result.size
+    console.print(f"wrote [bold]{lit(result.output)}[/]: {result.frames} frames, {w}x{h}, {float(result.fps):.2f} fps, "
                   f"runtime {result.runtime} {opts.precision}")
     if result.metrics:
         for name, m in result.metrics.items():
             console.print(f"  {name:8s} PSNR {m['psnr']:.2f} dB   SSIM {m['ssim_db']:.2f} dB")
+
+
+def render_geometry(result) -> None:
+    rows, cols = result.cropped
+    if rows or cols:
+        console.print(f"cropped the input by {cols} column(s) and {rows} row(s) (right and bottom) to a multiple of the scale",
+                      highlight=False)

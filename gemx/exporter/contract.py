@@ -14,6 +14,11 @@ Key/value layout, per attention level i (M = blocks per frame, BB = tokens per b
                               symmetric, one calibrated scale per level, held by both graphs)
 Both keep `refs` in a dimension of its own, beside BB: the frame graph merges the two by a free reshape, so per
 frame only the target's queries are re-laid out (see `gemx.model.network`).
+
+Spatial axes are symbolic: `references [refs, 3, height, width]`, `target_lr [1, 3, lr_height, lr_width]`,
+`frame_hr [1, 3, height, width]`, and the caches' first axis `blocks_i` = blocks of level i in a frame of that
+size. Height and width are multiples of the grid (the coarsest attention block in pixels, 64 for the shipped
+model) up to the largest size the export validated; `gemx.runtimes` pads other sizes to the grid.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from gemx.errors import GemxError
 from gemx.model.config import ModelConfig
 
 REFS = "refs"
+HEIGHT, WIDTH = "height", "width"  # of the HR frame and references
+LR_HEIGHT, LR_WIDTH = "lr_height", "lr_width"  # of the LR target: the HR size over the scale
+DEFAULT_MAX_SIZE = (1088, 1920)  # (height, width) validated by default: 1080p on a 64-pixel grid
 PRECISIONS = ("fp32", "fp16", "int8")  # int8: QDQ graphs with float frames in and out, an int8 reference cache
 INT8_KEY_MIN_CHANNELS = 64  # keys of fewer channels stay float32 in the INT8 contract (see the layout above)
 MAX_REFS = 64  # the most references an export validates (the paper measures up to 10)
@@ -35,8 +43,10 @@ class TensorSpec:
     shape: tuple[int | str, ...]  # a str is a symbolic dimension
     dtype: str  # numpy dtype name
 
-    def concrete(self, refs: int) -> tuple[int, ...]:
-        return tuple(refs if d == REFS else d for d in self.shape)
+    def concrete(self, refs: int, dims: dict[str, int] | None = None) -> tuple[int, ...]:
+        """The shape with `refs` and the spatial symbols resolved (see `Contract.dims`)."""
+        dims = {**(dims or {}), REFS: refs}
+        return tuple(dims[d] if isinstance(d, str) else d for d in self.shape)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -73,35 +83,70 @@ class Contract:
         value_dtype = {"fp16": "float16", "int8": "int8"}.get(self.precision, "float32")
         for i in cfg.attention_levels:
             b, c = cfg.block_at(i), cfg.channels[i]
-            m = (cfg.level_sizes[i] // b) ** 2
             key_dtype = "int8" if self.precision == "int8" and c >= INT8_KEY_MIN_CHANNELS else "float32"
+            m = f"blocks_{i}" if self.any_size else 1
             specs.append(TensorSpec(f"key_{i}", (m, c, REFS, b * b), key_dtype))
             specs.append(TensorSpec(f"value_{i}", (m, REFS, b * b, c), value_dtype))
         return tuple(specs)
 
     @property
+    def any_size(self) -> bool:
+        """Whether the graphs take any size on the grid: block attention does; the coarse baseline attends over the
+        whole coarsest map, whose token count is the frame's, so its graphs keep the training size."""
+        return self.config.arch == "attention"
+
+    @property
     def reference_encoder(self) -> GraphSpec:
-        s = self.config.size
-        return GraphSpec("reference_encoder", (TensorSpec("references", (REFS, 3, s, s), "float32"),), self.kv)
+        h, w = (HEIGHT, WIDTH) if self.any_size else self.default_size
+        return GraphSpec("reference_encoder", (TensorSpec("references", (REFS, 3, h, w), "float32"),), self.kv)
 
     @property
     def frame(self) -> GraphSpec:
-        s, lr = self.config.size, self.config.lr_size
+        h, w = (HEIGHT, WIDTH) if self.any_size else self.default_size
+        lh, lw = (LR_HEIGHT, LR_WIDTH) if self.any_size else (self.config.lr_size, self.config.lr_size)
         return GraphSpec(
             "frame",
-            (TensorSpec("target_lr", (1, 3, lr, lr), "float32"), *self.kv),
-            (TensorSpec("frame_hr", (1, 3, s, s), "float32"),),
+            (TensorSpec("target_lr", (1, 3, lh, lw), "float32"), *self.kv),
+            (TensorSpec("frame_hr", (1, 3, h, w), "float32"),),
         )
+
+    @property
+    def grid(self) -> int:
+        """Height and width of a frame are multiples of this (the coarsest attention block, in pixels)."""
+        return self.config.grid
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """The size the model was trained at (height, width): what examples and sweeps use unless told."""
+        return (self.config.size, self.config.size)
+
+    def on_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The smallest size on the grid that holds `size` (height, width)."""
+        g = self.grid
+        return tuple(-(-side // g) * g for side in size)
+
+    def dims(self, size: tuple[int, int] | None = None) -> dict[str, int]:
+        """The spatial symbols at an HR size on the grid (height, width; default: the training size)."""
+        h, w = size or self.default_size
+        cfg = self.config
+        dims = {HEIGHT: h, WIDTH: w, LR_HEIGHT: h // cfg.scale, LR_WIDTH: w // cfg.scale}
+        for i in cfg.attention_levels:
+            b = cfg.block_at(i)
+            dims[f"blocks_{i}"] = ((h >> (i + 1)) // b) * ((w >> (i + 1)) // b)
+        return dims
+
+    def shape(self, spec: TensorSpec, refs: int, size: tuple[int, int] | None = None) -> tuple[int, ...]:
+        return spec.concrete(refs, self.dims(size))
 
     @property
     def graphs(self) -> tuple[GraphSpec, GraphSpec]:
         return (self.reference_encoder, self.frame)
 
-    def kv_bytes(self, refs: int) -> int:
-        """Bytes of one reference set's keys and values."""
+    def kv_bytes(self, refs: int, size: tuple[int, int] | None = None) -> int:
+        """Bytes of one reference set's keys and values, at an HR size on the grid (default: the training size)."""
         import numpy as np
 
-        return sum(int(np.prod(s.concrete(refs))) * np.dtype(s.dtype).itemsize for s in self.kv)
+        return sum(int(np.prod(self.shape(s, refs, size))) * np.dtype(s.dtype).itemsize for s in self.kv)
 
     def refs_axis(self, spec: TensorSpec) -> int:
         return spec.shape.index(REFS)

@@ -12,11 +12,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
 from gemx.errors import GemxError, check_positive
-from gemx.exporter.contract import MAX_REFS, Contract
+from gemx.exporter.contract import DEFAULT_MAX_SIZE, MAX_REFS, Contract
 from gemx.exporter.graphs import FrameGraph, ReferenceEncoderGraph
 from gemx.exporter.manifest import WRITTEN_LATER, graph_entry, is_export, new_manifest, sha256, write_manifest
 from gemx.exporter.onnx_export import DEFAULT_OPSET, check_opset, export_graph, strip_build_metadata
@@ -39,6 +40,7 @@ from gemx.exporter.validate import FP32_TOLERANCE, INT8_PSNR_GOAL, ParityRow, ch
 from gemx.frames import sample_frames
 from gemx.fs import atomic_dir, atomic_write, check_target
 from gemx.model.checkpoint import Checkpoint, load_checkpoint
+from gemx.model.config import MAX_SIZE
 from gemx.model.network import GeminoAttention, build_model
 
 VALIDATE_REFS = (1, 2, 5, 10)
@@ -56,6 +58,7 @@ class ExportOptions:
     frames: Path | None = None  # a video to check parity on (synthetic frames without one)
     int8: bool = False
     calib: list[Path] = field(default_factory=list)  # videos or folders of videos to calibrate INT8 on
+    max_size: tuple[int, int] | None = None  # (height, width): the largest frame validated (default 1088x1920)
 
     def __post_init__(self) -> None:
         check_positive(block_size=self.block_size, max_refs=self.max_refs)
@@ -99,7 +102,8 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
     ckpt = load_checkpoint(ckpt_path)
     model = with_block_size(ckpt.model, opts.block_size)
     cfg = model.config
-    Contract(cfg)  # refuses models without references before any work
+    contract = Contract(cfg)  # refuses models without references before any work
+    max_size = _max_size(contract, opts.max_size)
     out = Path(opts.out) if opts.out else default_out_dir(ckpt, cfg.block_size)
     check_target(out, opts.force, is_export, "a gemx export", written_later=WRITTEN_LATER)
     refs_list = sorted({r for r in (*VALIDATE_REFS, opts.max_refs) if r <= opts.max_refs})
@@ -107,7 +111,8 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
     calib = _int8_calibration(ckpt.path, ckpt_sha, opts) if opts.int8 else None  # refused before any work
     frames, source = sample_frames(cfg.size, max(refs_list) + 1, opts.frames)
     params = sum(p.numel() for p in model.parameters())
-    manifest = new_manifest(cfg, params, opts.opset, opts.max_refs, refs_list, {"file": ckpt.path.name, "sha256": ckpt_sha})
+    manifest = new_manifest(cfg, params, opts.opset, opts.max_refs, refs_list, {"file": ckpt.path.name, "sha256": ckpt_sha},
+                            max_size)
     result = ExportResult(out, manifest, frames_source=source)
     with atomic_dir(out, replaceable=lambda p: opts.force and is_export(p), written_later=WRITTEN_LATER) as tmp:
         for precision in ("fp32", "fp16") if opts.fp16 else ("fp32",):
@@ -121,7 +126,11 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
             result.trt += [check_tensorrt_compat(p, path.name) for p, path in zip(protos, paths, strict=True)]
             progress(f"checking {precision} parity at refs {refs_list}")
             fp32_paths = None if precision == "fp32" else tuple(tmp / s.file("fp32") for s in contract.graphs)
-            rows = check_parity(model, contract, paths, refs_list, frames, reference_paths=fp32_paths)
+            rows = check_parity(model, contract, paths, refs_list, frames, reference_paths=fp32_paths,
+                                sizes=parity_sizes(contract, max_size))
+            if max_size is not None and precision == "fp32":
+                progress(f"running the graphs at the largest size, {max_size[1]}x{max_size[0]}")
+                _check_largest(contract, paths, max_size)
             result.parity[precision] = rows
             if not all(math.isfinite(r.max_abs_error) for r in rows):
                 raise GemxError(f"the {precision} graphs produce NaN or Inf on real frames; export refused")
@@ -174,7 +183,8 @@ def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, 
     result.trt += [check_tensorrt_compat(p, path.name) for p, path in zip(protos, paths, strict=True)]
     progress(f"checking int8 accuracy at refs {refs_list}")
     int8 = Contract(contract.config, "int8")
-    rows = check_parity(model, int8, paths, refs_list, frames, reference_paths=fp32_paths)
+    rows = check_parity(model, int8, paths, refs_list, frames, reference_paths=fp32_paths,
+                        sizes=parity_sizes(int8, tuple(result.manifest.get("spatial", {}).get("max_size", ())) or None))
     result.parity["int8"] = rows
     worst = min(r.psnr_db for r in rows)
     if not worst > INT8_PSNR_GOAL:
@@ -211,23 +221,73 @@ def _export_pair(model: GeminoAttention, contract: Contract, out: Path, opts: Ex
                  frames: torch.Tensor) -> list[onnx.ModelProto]:
     enc_spec, frame_spec = contract.graphs
     encoder = ReferenceEncoderGraph(model, contract)
-    enc = export_graph(encoder, (_example_refs(frames),), enc_spec, [0], opts.max_refs, opts.opset,
-                       out / enc_spec.file(contract.precision))
+    enc = export_graph(encoder, lambda size: (_example_refs(frames, size),), enc_spec, [0], opts.max_refs, opts.opset,
+                       out / enc_spec.file(contract.precision), trace_sizes(contract))
     return [enc, _export_frame(model, contract, out / frame_spec.file(contract.precision), opts, frames)]
 
 
-def _example_refs(frames: torch.Tensor) -> torch.Tensor:
-    return frames[1:3].contiguous()  # two references: one would invite 0/1 specialisation
+def _max_size(contract: Contract, asked: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The largest (height, width) to validate, on the grid; None for a fixed-size contract."""
+    if not contract.any_size:
+        if asked is not None:
+            raise GemxError(f"a {contract.config.arch} model attends over the whole frame: its graphs keep the training "
+                            f"size {contract.config.size}x{contract.config.size}; drop --max-size")
+        return None
+    h, w = contract.on_grid(asked or DEFAULT_MAX_SIZE)
+    if max(h, w) > MAX_SIZE or min(h, w) < 1:
+        raise GemxError(f"--max-size {w}x{h} is outside 1..{MAX_SIZE} pixels a side")
+    return h, w
+
+
+def parity_sizes(contract: Contract, max_size: tuple[int, int] | None) -> list[tuple[tuple[int, int], int]]:
+    """(size, refs) checked against PyTorch beside the training size: a landscape and a portrait frame at 2
+    references (the largest size is run by `_check_largest`)."""
+    if max_size is None:
+        return []
+    g = contract.grid
+    return [((2 * g, 3 * g), 2), ((3 * g, 2 * g), 2)]
+
+
+def _check_largest(contract: Contract, paths: tuple[Path, ...], max_size: tuple[int, int]) -> None:
+    """The graphs run at the largest size the export promises (1 reference): a frame of that size, finite. Parity
+    itself is checked at the smaller sizes above: the graphs are the same at every size but for its shape arithmetic."""
+    from gemx.exporter.validate import ort_session, run_pipeline
+
+    h, w = max_size
+    rng = np.random.default_rng(0)
+    refs = rng.random((1, 3, h, w), np.float32)
+    target = rng.random((1, 3, h // contract.config.scale, w // contract.config.scale), np.float32)
+    out = run_pipeline(*(ort_session(p) for p in paths), contract, refs, target)
+    if out.shape != (1, 3, h, w) or not np.isfinite(out).all():
+        raise GemxError(f"the {contract.precision} graphs do not run at --max-size {w}x{h} (got {list(out.shape)}); "
+                        "export refused")
+
+
+def trace_sizes(contract: Contract) -> tuple[tuple[int, int], ...]:
+    """The sizes graphs are traced at: two whose height, width and area ratios differ (then the graphs take any
+    size on the grid, see `gemx.exporter.spatial`), or the training size alone for a fixed-size contract."""
+    g = contract.grid
+    return ((2 * g, 3 * g), (3 * g, 5 * g)) if contract.any_size else (contract.default_size,)
+
+
+def _example_refs(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    refs = frames[1:3]  # two references: one would invite 0/1 specialisation
+    if tuple(refs.shape[-2:]) != tuple(size):
+        refs = torch.nn.functional.interpolate(refs, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+    return refs.contiguous()
 
 
 def _export_frame(model: GeminoAttention, contract: Contract, path: Path, opts: ExportOptions, frames: torch.Tensor,
                   subpixel_head: bool = False) -> onnx.ModelProto:
-    with torch.no_grad():
-        kv = ReferenceEncoderGraph(model, contract)(_example_refs(frames))
-    target = torch.nn.functional.avg_pool2d(frames[:1], contract.config.scale)
+    def example(size: tuple[int, int]) -> tuple:
+        refs = _example_refs(frames, size)
+        with torch.no_grad():
+            kv = ReferenceEncoderGraph(model, contract)(refs)
+        return torch.nn.functional.avg_pool2d(refs[:1], contract.config.scale), kv
+
     axes = [None] + [contract.refs_axis(s) for s in contract.kv]
-    return export_graph(FrameGraph(model, contract, subpixel_head), (target, kv), contract.graphs[1], axes,
-                        opts.max_refs, opts.opset, path)
+    return export_graph(FrameGraph(model, contract, subpixel_head), example, contract.graphs[1], axes,
+                        opts.max_refs, opts.opset, path, trace_sizes(contract), source_scale=contract.config.scale)
 
 
 def _simplify(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:

@@ -19,7 +19,7 @@ FORMAT = "gemx-export"
 VERSION = 1
 # What gemx writes for the same checkpoint and options; bumped whenever the graphs change (block layout,
 # quantization), so that an export cached by an older gemx is made again instead of measured as if current.
-GRAPHS_REVISION = 7
+GRAPHS_REVISION = 8
 MANIFEST = "manifest.json"
 # What runtimes write into an export after it was made (ONNX Runtime's TensorRT engine cache, TensorRT's timing
 # cache): gemx's too, so `gemx export --force` may replace them with the rest.
@@ -80,6 +80,12 @@ class ExportDir:
     @property
     def max_refs(self) -> int:
         return int(self.manifest["refs"]["max"])
+
+    @property
+    def max_size(self) -> tuple[int, int] | None:
+        """The largest (height, width) the graphs were validated at; None for a fixed-size export."""
+        size = self.manifest.get("spatial", {}).get("max_size")
+        return tuple(size) if size else None
 
     @property
     def precisions(self) -> list[str]:
@@ -165,8 +171,9 @@ def _check_fields(manifest: dict, mpath: Path) -> None:
         raise GemxError(f"{mpath} is malformed ({what}); re-run `gemx export --force`") from None
 
 
-def new_manifest(config: ModelConfig, params: int, opset: int, max_refs: int, validated: list[int], source: dict) -> dict:
-    return {
+def new_manifest(config: ModelConfig, params: int, opset: int, max_refs: int, validated: list[int], source: dict,
+                 max_size: tuple[int, int] | None = None) -> dict:
+    manifest = {
         "format": FORMAT,
         "version": VERSION,
         "gemx_version": gemx.__version__,
@@ -176,3 +183,6 @@ def new_manifest(config: ModelConfig, params: int, opset: int, max_refs: int, va
         "refs": {"axis": "refs", "min": 1, "max": max_refs, "validated": validated},
         "precisions": {},
     }
+    if max_size is not None:  # graphs of any size on the grid, up to this one
+        manifest["spatial"] = {"axes": ["height", "width"], "grid": config.grid, "max_size": list(max_size)}
+    return manifest

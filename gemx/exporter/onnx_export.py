@@ -1,16 +1,20 @@
 """Export one graph module to ONNX, named and shaped exactly as its contract says.
 
 torch.export traces with a symbolic `refs` dimension (exported from a 2-reference example: a
-1-reference example invites 0/1 specialisation), the dynamo ONNX exporter lowers it, and the
-result is renamed to the contract, checked (onnx checker with shape inference) and saved atomically.
+1-reference example invites 0/1 specialisation) at two frame sizes, the dynamo ONNX exporter lowers both,
+`gemx.exporter.spatial` makes height and width symbolic from the pair, and the result is renamed to the
+contract, checked (onnx checker with shape inference) and saved atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import warnings
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -19,6 +23,7 @@ from torch.export import Dim
 
 from gemx.errors import GemxError
 from gemx.exporter.contract import REFS, GraphSpec
+from gemx.exporter.spatial import symbolic_spatial
 from gemx.fs import atomic_write
 
 OPSETS = range(18, 24)  # what the dynamo exporter emits and ONNX Runtime 1.2x runs
@@ -30,18 +35,23 @@ def check_opset(opset: int) -> None:
         raise GemxError(f"opset {opset} is not supported; use an opset from {OPSETS.start} to {OPSETS.stop - 1} (default {DEFAULT_OPSET})")
 
 
-def export_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, refs_axes: list[int | None],
-                 max_refs: int, opset: int, path: Path) -> onnx.ModelProto:
-    """Trace `module(*args)` with the given refs axis per flat input, write `path`, return the proto."""
+def export_graph(module: torch.nn.Module, example: Callable[[tuple[int, int]], tuple], spec: GraphSpec,
+                 refs_axes: list[int | None], max_refs: int, opset: int, path: Path,
+                 trace_sizes: tuple[tuple[int, int], ...], source_scale: int = 1) -> onnx.ModelProto:
+    """Trace `module(*example(size))` with the given refs axis per flat input, write `path`, return the proto.
+
+    With two `trace_sizes` (HR height, width) the graph takes any size (`gemx.exporter.spatial`); its first input
+    is the one whose height and width are read, at the HR size over `source_scale`."""
     check_opset(opset)
-    refs = Dim(REFS, min=1, max=max_refs)
-    flat = [None if a is None else {a: refs} for a in refs_axes]
-    dynamic_shapes = (flat[0],) if len(args) == 1 else (flat[0], tuple(flat[1:]))
-    with _quiet():
-        ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-        program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True, verbose=False)
-    proto = program.model_proto
-    conform_to_contract(proto, spec)
+    key = _fingerprint(module, spec, refs_axes, max_refs, opset, trace_sizes, source_scale)
+    if key in _TRACED:
+        _TRACED.move_to_end(key)
+        proto = onnx.ModelProto.FromString(_TRACED[key])
+    else:
+        proto = _symbolic_graph(module, example, spec, refs_axes, max_refs, opset, trace_sizes, source_scale)
+        _TRACED[key] = proto.SerializeToString()
+        while len(_TRACED) > _TRACED_KEPT:
+            _TRACED.popitem(last=False)
     strip_build_metadata(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -49,6 +59,47 @@ def export_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, refs_axe
         raise GemxError(f"exported {spec.name} graph failed the ONNX checker: {str(e).splitlines()[0]}") from None
     atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
     return proto
+
+
+# Graphs traced in this process, by everything that decides them (the module's weights, the contract, the options):
+# tracing is deterministic and costs seconds, so exporting the same checkpoint again (a test suite, a profile over
+# precisions) reuses the graph instead of tracing it twice more.
+_TRACED: OrderedDict[str, bytes] = OrderedDict()
+_TRACED_KEPT = 12
+
+
+def _fingerprint(module: torch.nn.Module, *decides) -> str:
+    h = hashlib.sha256(repr((type(module).__name__, getattr(module, "subpixel_head", None), decides)).encode())
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _symbolic_graph(module: torch.nn.Module, example: Callable[[tuple[int, int]], tuple], spec: GraphSpec,
+                    refs_axes: list[int | None], max_refs: int, opset: int, trace_sizes: tuple[tuple[int, int], ...],
+                    source_scale: int) -> onnx.ModelProto:
+    protos = [_trace(module, example(size), refs_axes, max_refs, opset) for size in trace_sizes]
+    proto = protos[0]
+    if len(protos) == 2:
+        (ha, wa), (hb, wb) = trace_sizes
+        k = source_scale
+        proto = symbolic_spatial(protos[0], protos[1], proto.graph.input[0].name, (ha // k, wa // k), (hb // k, wb // k))
+        del proto.graph.value_info[:]  # shapes at the first trace's size: inferred again below, symbolically
+    conform_to_contract(proto, spec)
+    if len(protos) == 2:
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    return proto
+
+
+def _trace(module: torch.nn.Module, args: tuple, refs_axes: list[int | None], max_refs: int, opset: int) -> onnx.ModelProto:
+    refs = Dim(REFS, min=1, max=max_refs)
+    flat = [None if a is None else {a: refs} for a in refs_axes]
+    dynamic_shapes = (flat[0],) if len(args) == 1 else (flat[0], tuple(flat[1:]))
+    with _quiet():
+        ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+        program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True, verbose=False)
+    return program.model_proto
 
 
 def conform_to_contract(proto: onnx.ModelProto, spec: GraphSpec) -> None:
@@ -64,6 +115,9 @@ def conform_to_contract(proto: onnx.ModelProto, spec: GraphSpec) -> None:
             if isinstance(d, str):
                 dim.ClearField("dim_value")
                 dim.dim_param = d
+            else:
+                dim.ClearField("dim_param")
+                dim.dim_value = d
     for value in [*g.input, *g.output]:
         value.name = renames[value.name]
     for node in g.node:

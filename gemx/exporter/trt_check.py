@@ -2,8 +2,9 @@
 
 Checks every op type against the parser's supported-operator list (kept as data in
 `tensorrt_onnx_ops.json` with the TensorRT version it describes), and the attributes known to break
-exports in practice: Resize mode/coordinate transform/antialias, Pad mode, and Reshape shapes that
-are computed at run time (Shape -> Gather -> Concat chains) instead of being constants.
+exports in practice: Resize mode/coordinate transform/antialias, Pad mode, and Reshape shapes computed
+from anything but the graph's own shapes: a shape read from a tensor (Shape) and combined with constants by
+the integer ops TensorRT evaluates on shape tensors is how graphs of any frame size lay out blocks.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from importlib import resources
 
 import onnx
 from onnx import helper, numpy_helper
+
+# Integer ops TensorRT evaluates on shape tensors (ONNX-TensorRT's shape-tensor support), besides Shape itself.
+SHAPE_OPS = {"Constant", "Slice", "Gather", "Concat", "Mul", "Div", "Add", "Sub", "Unsqueeze", "Squeeze", "Cast"}
 
 
 @cache
@@ -46,6 +50,10 @@ def check_tensorrt_compat(proto: onnx.ModelProto, graph: str) -> TrtReport:
             value = next((a for a in n.attribute if a.name == "value"), None)
             if value is not None:
                 constants[n.output[0]] = numpy_helper.to_array(value.t)
+    shape_tensors = set(constants)  # computed at build time from shapes alone: TensorRT's shape tensors
+    for n in g.node:
+        if n.op_type == "Shape" or (n.op_type in SHAPE_OPS and all(i in shape_tensors for i in n.input if i)):
+            shape_tensors.update(n.output)
     for n in g.node:
         where = f"{n.op_type} node {n.name!r}"
         if n.domain not in ("", "ai.onnx"):
@@ -59,8 +67,8 @@ def check_tensorrt_compat(proto: onnx.ModelProto, graph: str) -> TrtReport:
                 report.problems.append(f"{where}: {attr}={attrs[attr]!r} (TensorRT supports {ok})")
         if n.op_type == "Reshape":
             shape = constants.get(n.input[1])
-            if shape is None:
-                report.problems.append(f"{where}: shape is computed at run time; TensorRT needs a constant shape")
-            elif (shape == -1).sum() > 1:
+            if shape is None and n.input[1] not in shape_tensors:
+                report.problems.append(f"{where}: shape is computed from tensor values; TensorRT needs it from shapes and constants")
+            elif shape is not None and (shape == -1).sum() > 1:
                 report.problems.append(f"{where}: shape {shape.tolist()} has more than one -1")
     return report

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gemx.exporter.contract import Contract
 from gemx.model.lr import downsample
@@ -23,6 +24,7 @@ class ParityRow:
     refs: int
     max_abs_error: float
     psnr_db: float  # of the exported output against the reference output
+    size: list[int] | None = None  # HR height and width (the frames' own when None)
 
 
 def ort_session(path: Path):
@@ -46,21 +48,25 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def check_parity(model: GeminoAttention, contract: Contract, paths: tuple[Path, Path], refs_list: list[int],
-                 frames: torch.Tensor, reference_paths: tuple[Path, Path] | None = None) -> list[ParityRow]:
-    """Max abs error and PSNR of the composed graphs against torch (or, for FP16, against the FP32
-    graphs at `reference_paths`) at each reference count. `frames` [T, 3, H, W]: frame 0 is the target."""
+                 frames: torch.Tensor, reference_paths: tuple[Path, Path] | None = None,
+                 sizes: list[tuple[tuple[int, int], int]] = ()) -> list[ParityRow]:
+    """Max abs error and PSNR of the composed graphs against torch (or, for FP16 and INT8, against the FP32 graphs
+    at `reference_paths`) at each reference count, then at each (size, refs) of `sizes` (the frames resized).
+    `frames` [T, 3, H, W]: frame 0 is the target."""
     encoder, frame = (ort_session(p) for p in paths)
     baseline = tuple(ort_session(p) for p in reference_paths) if reference_paths else None
     fp32 = Contract(contract.config, "fp32")
+    cases = [(None, r) for r in refs_list] + list(sizes)
     rows = []
-    target_lr = downsample(frames[:1], contract.config.scale)
-    for r in refs_list:
-        refs = frames[1 + np.arange(r) % (len(frames) - 1)]
+    for size, r in cases:
+        at = frames if size is None else F.interpolate(frames, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+        target_lr = downsample(at[:1], contract.config.scale)
+        refs = at[1 + np.arange(r) % (len(at) - 1)]
         if baseline:
             want = run_pipeline(*baseline, fp32, refs.numpy(), target_lr.numpy())
         else:
             with torch.no_grad():
                 want = model(target_lr, refs[None]).numpy()
         got = run_pipeline(encoder, frame, contract, refs.numpy(), target_lr.numpy())
-        rows.append(ParityRow(r, float(np.abs(got - want).max()), psnr_db(got, want)))
+        rows.append(ParityRow(r, float(np.abs(got - want).max()), psnr_db(got, want), list(size) if size else None))
     return rows

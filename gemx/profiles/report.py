@@ -22,28 +22,29 @@ def table(result: ProfileResult) -> Table:
     m = result.machine
     where = m["gpu"]["name"] if m["gpu"] else f"{m['cpu']}, {m['threads']} threads"
     t = Table(title=f"per-frame cost, {where} (ms; references encoded once per set)")
-    for col, justify in (("block", "right"), ("runtime", "left"), ("refs", "right"), ("frame p50", "right"),
-                         ("p90", "right"), ("fps", "right"), ("encode refs", "right"), ("naive p50", "right"),
-                         ("vs naive", "right"), ("KV cache MB", "right"), ("peak MB", "right"), ("frame GFLOPs", "right"),
-                         ("PSNR vs FP32", "right"), ("PSNR vs truth", "right")):
+    for col, justify in (("block", "right"), ("size", "right"), ("runtime", "left"), ("refs", "right"), ("frame p50", "right"),
+                         ("p90", "right"), ("fps", "right"), ("ms/MPx", "right"), ("encode refs", "right"),
+                         ("naive p50", "right"), ("vs naive", "right"), ("KV cache MB", "right"), ("peak MB", "right"),
+                         ("frame GFLOPs", "right"), ("PSNR vs FP32", "right"), ("PSNR vs truth", "right")):
         t.add_column(col, justify=justify)
     by_key: dict[tuple, dict[str, ProfileRow]] = {}
     for r in result.rows:
-        key = (r.block_size, r.runtime if r.stage != "naive" else "naive", r.precision, r.refs)
+        key = (r.block_size, (r.height, r.width), r.runtime if r.stage != "naive" else "naive", r.precision, r.refs)
         by_key.setdefault(key, {})[r.stage] = r
-    naive = {(b, refs): rows["naive"] for (b, rt, _, refs), rows in by_key.items() if rt == "naive"}
+    naive = {(b, size, refs): rows["naive"] for (b, size, rt, _, refs), rows in by_key.items() if rt == "naive"}
     last_group = None
-    for (block, runtime, precision, refs), rows in by_key.items():
+    for (block, (h, w), runtime, precision, refs), rows in by_key.items():
         if runtime == "naive":
             continue
-        f, e, n = rows.get("frame"), rows.get("encode"), naive.get((block, refs))
-        if last_group is not None and last_group != (block, runtime, precision):
+        f, e, n = rows.get("frame"), rows.get("encode"), naive.get((block, (h, w), refs))
+        if last_group is not None and last_group != (block, (h, w), runtime, precision):
             t.add_section()
-        last_group = (block, runtime, precision)
-        t.add_row(f"{block}x{block}", f"{runtime} {f.precision}", str(refs), f"{f.p50_ms:.2f}",
-                  f"{f.p90_ms:.2f}", f"{f.fps:.1f}", f"{e.p50_ms:.1f}" if e else "-",
-                  f"{n.p50_ms:.1f}" if n else "-", f"{f.p50_ms / n.p50_ms:.2f}x" if n else "-", _mb(f.kv_cache_bytes),
-                  _mb(f.peak_memory_bytes), f"{f.flops / 1e9:.2f}", _db(f.psnr_vs_fp32_db), _db(f.psnr_vs_truth_db))
+        last_group = (block, (h, w), runtime, precision)
+        t.add_row(f"{block}x{block}", f"{w}x{h}", f"{runtime} {f.precision}", str(refs), f"{f.p50_ms:.2f}",
+                  f"{f.p90_ms:.2f}", f"{f.fps:.1f}", f"{f.p50_ms / (h * w / 1e6):.1f}" if h else "-",
+                  f"{e.p50_ms:.1f}" if e else "-", f"{n.p50_ms:.1f}" if n else "-", f"{f.p50_ms / n.p50_ms:.2f}x" if n else "-",
+                  _mb(f.kv_cache_bytes), _mb(f.peak_memory_bytes), f"{f.flops / 1e9:.2f}", _db(f.psnr_vs_fp32_db),
+                  _db(f.psnr_vs_truth_db))
     return t
 
 
@@ -106,17 +107,22 @@ def plot(result: ProfileResult, path: Path, overwrite: bool = False) -> None:
     import matplotlib.pyplot as plt
 
     lines: dict[str, list[tuple[int, float]]] = {}
+    several_sizes = len({(r.height, r.width) for r in result.rows}) > 1
     for r in result.rows:
         if r.stage in ("frame", "naive"):
-            label = f"{r.block_size}x{r.block_size} {r.runtime} {r.precision}"
-            label += " naive (re-encode every frame)" if r.stage == "naive" else ""
+            label = _label(r, several_sizes) + (" naive (re-encode every frame)" if r.stage == "naive" else "")
             lines.setdefault(label, []).append((r.refs, r.p50_ms))
     has_naive = any("naive" in label for label in lines)
-    panels = 2 + has_naive
+    panels = 2 + has_naive + several_sizes
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
     colors = {label: f"C{i % 10}" for i, label in enumerate(sorted(lines))}  # one colour per row group in every panel
-    _quality_panel(axes[0][-1], result, colors)
-    for ax, naive_panel in zip(axes[0][:-1], (False, True), strict=False):
+    _quality_panel(axes[0][-1], result, colors, several_sizes)
+    if several_sizes:
+        _pixels_panel(axes[0][-2], result)
+        axes = [axes[0][:-2]]
+    else:
+        axes = [axes[0][:-1]]
+    for ax, naive_panel in zip(axes[0], (False, True), strict=False):
         for label, pts in sorted(lines.items()):
             if "naive" in label and not naive_panel:
                 continue
@@ -137,7 +143,29 @@ def plot(result: ProfileResult, path: Path, overwrite: bool = False) -> None:
     plt.close(fig)
 
 
-def _quality_panel(ax, result: ProfileResult, colors: dict[str, str]) -> None:
+def _label(r: ProfileRow, with_size: bool) -> str:
+    return f"{r.block_size}x{r.block_size} {r.runtime} {r.precision}" + (f" {r.width}x{r.height}" if with_size else "")
+
+
+def _pixels_panel(ax, result: ProfileResult) -> None:
+    """Per-frame p50 against the frame's megapixels, one line per block size, runtime, precision and reference count:
+    a straight line through the origin is cost proportional to pixels."""
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in result.rows:
+        if r.stage == "frame" and r.height:
+            lines.setdefault(f"{r.block_size}x{r.block_size} {r.runtime} {r.precision} {r.refs} refs", []).append(
+                (r.height * r.width / 1e6, r.p50_ms))
+    for label, pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set(xlabel="frame size (megapixels, HR)", ylabel="per-frame latency, p50 (ms)", title="cost against pixels")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+
+
+def _quality_panel(ax, result: ProfileResult, colors: dict[str, str], with_size: bool = False) -> None:
     """Quality next to latency: each (block, runtime, precision, refs) frame row as one point."""
     truth = any(r.psnr_vs_truth_db is not None for r in result.rows)
     groups: dict[str, list[tuple[float, float]]] = {}
@@ -146,7 +174,7 @@ def _quality_panel(ax, result: ProfileResult, colors: dict[str, str]) -> None:
             continue
         q = r.psnr_vs_truth_db if truth else r.psnr_vs_fp32_db
         if q is not None:
-            groups.setdefault(f"{r.block_size}x{r.block_size} {r.runtime} {r.precision}", []).append((r.p50_ms, q))
+            groups.setdefault(_label(r, with_size), []).append((r.p50_ms, q))
     for label, pts in sorted(groups.items()):
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=label, s=18, color=colors.get(label))
     ax.set(xlabel="per-frame latency, p50 (ms)",

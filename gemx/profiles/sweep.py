@@ -45,6 +45,7 @@ class ProfileOptions:
     ops: bool = False  # also break ORT CPU per-frame kernel time down by op type
     frames: Path | None = None  # a video: references and targets from it, and quality against its HR frames
     calib: list[Path] = field(default_factory=list)  # INT8 calibration videos (the shipped checkpoint needs none)
+    sizes: list[tuple[int, int]] | None = None  # HR (height, width) per row; default: the training size
 
     def __post_init__(self) -> None:
         check_positive(iters=self.iters, threads=self.threads)
@@ -80,6 +81,8 @@ class ProfileRow:
     params: int
     psnr_vs_fp32_db: float | None = None  # this row's frame against the FP32 PyTorch/ORT frame (same inputs)
     psnr_vs_truth_db: float | None = None  # with --frames: against the video's own HR frame
+    height: int = 0  # of the HR frame this row ran at (the session pads it to the grid)
+    width: int = 0
 
 
 @dataclass
@@ -111,59 +114,79 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
         torch.set_num_threads(opts.threads)
     max_refs = max(opts.refs)
     result = ProfileResult([], machine_info(opts.threads), str(source or "shipped default checkpoint"))
-    on_total(len(exports) * len(opts.refs) * (len(combos) + opts.naive))
+    on_total(len(exports) * len(opts.sizes or [None]) * len(opts.refs) * (len(combos) + opts.naive))
     try:
         for block, path in exports.items():
             export_dir = read_export_dir(path)
             if max_refs > export_dir.max_refs:
                 raise GemxError(f"--refs up to {max_refs} exceeds the export's {export_dir.max_refs}")
             cfg = export_dir.config
-            frames, _ = sample_frames(cfg.size, max_refs + 1, opts.frames)
-            truth = frames[:1].numpy()
-            target = downsample(frames[:1], cfg.scale).numpy()
+            contract = export_dir.contract()
             block_model = with_block_size(model, block) if model is not None else None
-            fp32_frames = _fp32_frames(path, block_model, frames, target, opts.refs)
-            costs = {refs: {g: graph_cost(export_dir.graph_path(g), refs) for g in ("reference_encoder", "frame")}
-                     for refs in opts.refs}  # per graph and reference count, the same for every runtime
-            for runtime, prec in combos:
-                on_cpu = runtime in ("torch", "ort")
-                mem_kind = "rss over pre-session, own process" if on_cpu else "device over pre-session"
-                if on_cpu:  # in a fresh interpreter: here, memory an earlier session freed would be reused unseen
-                    progress(f"b{block} {runtime} {prec} memory")
-                    cpu_memory = _cpu_memory(_MemoryProbe(runtime, path, prec, opts.threads, source, block, opts.refs,
-                                                          frames[1:max_refs + 1].numpy(), target))
-                base = None if on_cpu else device_memory_used()
-                session = open_session(runtime, path, prec, opts.threads, model=block_model)
-                for refs in opts.refs:
-                    progress(f"b{block} {runtime} {prec} {refs} refs")
-                    refs_hr = frames[1:refs + 1].numpy()
-                    encode, frame, memory = _measure(session, refs_hr, target, opts, mem_kind, base)
-                    memory = cpu_memory[refs] if on_cpu else memory
-                    out = session(target)  # references of this count are set: the frame the timings measured
-                    quality = {"psnr_vs_fp32_db": min(psnr_db(out, fp32_frames[refs]), EXACT_DB),
-                               "psnr_vs_truth_db": psnr_db(np.clip(out, 0, 1), truth) if opts.frames else None}
-                    kv = session.kv_nbytes()
-                    by_graph = costs[refs]
-                    for stage, t, cost in (("encode", encode, by_graph["reference_encoder"]), ("frame", frame, by_graph["frame"])):
-                        result.rows.append(ProfileRow(block, runtime, prec, refs, stage, t.min_ms, t.p50_ms, t.p90_ms, t.p99_ms,
-                                                      t.fps, t.iters, memory, mem_kind, kv, cost["flops"], cost["params"],
-                                                      **quality))
-                    if opts.ops and runtime == "ort":
-                        result.ops.append(_ops_row(session, block, prec, refs, refs_hr, target, opts))
-                    progress(f"b{block} {runtime} {refs} refs", advance=1)
-                session.close()
-                del session
-            if opts.naive and block_model is not None:
-                for refs in opts.refs:
-                    flops = costs[refs]["reference_encoder"]["flops"] + costs[refs]["frame"]["flops"]
-                    result.rows.append(_naive_row(block_model, block, refs, frames, target, opts, flops))
-                    progress(f"b{block} naive {refs} refs", advance=1)
+            video, _ = sample_frames(cfg.size, max_refs + 1, opts.frames)
+            for size in opts.sizes or [contract.default_size]:
+                frames = _at_size(video, size)
+                h, w = size
+                where = f"b{block} {w}x{h}"
+                truth = frames[:1].numpy()
+                target = downsample(frames[:1], cfg.scale).numpy()
+                fp32_frames = _fp32_frames(path, block_model, frames, target, opts.refs)
+                dims = contract.dims(contract.on_grid(size))  # what the graphs run at: the size padded to the grid
+                costs = {refs: {g: graph_cost(export_dir.graph_path(g), refs, dims) for g in ("reference_encoder", "frame")}
+                         for refs in opts.refs}  # per graph and reference count, the same for every runtime
+                for runtime, prec in combos:
+                    on_cpu = runtime in ("torch", "ort")
+                    mem_kind = "rss over pre-session, own process" if on_cpu else "device over pre-session"
+                    if on_cpu:  # in a fresh interpreter: here, memory an earlier session freed would be reused unseen
+                        progress(f"{where} {runtime} {prec} memory")
+                        cpu_memory = _cpu_memory(_MemoryProbe(runtime, path, prec, opts.threads, source, block, opts.refs,
+                                                              frames[1:max_refs + 1].numpy(), target))
+                    base = None if on_cpu else device_memory_used()
+                    session = open_session(runtime, path, prec, opts.threads, model=block_model)
+                    for refs in opts.refs:
+                        progress(f"{where} {runtime} {prec} {refs} refs")
+                        refs_hr = frames[1:refs + 1].numpy()
+                        encode, frame, memory = _measure(session, refs_hr, target, opts, mem_kind, base)
+                        memory = cpu_memory[refs] if on_cpu else memory
+                        out = session(target)  # references of this count are set: the frame the timings measured
+                        quality = {"psnr_vs_fp32_db": min(psnr_db(out, fp32_frames[refs]), EXACT_DB),
+                                   "psnr_vs_truth_db": psnr_db(np.clip(out, 0, 1), truth) if opts.frames else None}
+                        kv = session.kv_nbytes()
+                        by_graph = costs[refs]
+                        for stage, t, cost in (("encode", encode, by_graph["reference_encoder"]), ("frame", frame, by_graph["frame"])):
+                            result.rows.append(ProfileRow(block, runtime, prec, refs, stage, t.min_ms, t.p50_ms, t.p90_ms,
+                                                          t.p99_ms, t.fps, t.iters, memory, mem_kind, kv, cost["flops"],
+                                                          cost["params"], **quality, height=h, width=w))
+                        if opts.ops and runtime == "ort":
+                            result.ops.append(_ops_row(session, block, prec, refs, refs_hr, target, opts) | {"height": h, "width": w})
+                        progress(f"{where} {runtime} {refs} refs", advance=1)
+                    session.close()
+                    del session
+                if opts.naive and block_model is not None:
+                    for refs in opts.refs:
+                        flops = costs[refs]["reference_encoder"]["flops"] + costs[refs]["frame"]["flops"]
+                        result.rows.append(_naive_row(block_model, block, refs, _padded(frames, contract), opts, flops, size))
+                        progress(f"{where} naive {refs} refs", advance=1)
     except KeyboardInterrupt:
         result.interrupted = True
     return result
 
 
 EXACT_DB = 200.0  # PSNR at or above this is the same frame to float32 rounding (stored capped: JSON has no inf)
+
+
+def _at_size(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The sampled frames at an HR size (height, width): resized, as a camera of that geometry would see them."""
+    if tuple(frames.shape[-2:]) == tuple(size):
+        return frames
+    return torch.nn.functional.interpolate(frames, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def _padded(frames: torch.Tensor, contract) -> torch.Tensor:
+    """Frames padded to the grid (edges repeated below and right) as a session pads them: what the naive model runs."""
+    h, w = frames.shape[-2:]
+    gh, gw = contract.on_grid((h, w))
+    return frames if (gh, gw) == (h, w) else torch.nn.functional.pad(frames, (0, gw - w, 0, gh - h), mode="replicate")
 
 
 def _fp32_frames(export_path: Path, model, frames: torch.Tensor, target: np.ndarray, refs_list: list[int]) -> dict[int, np.ndarray]:
@@ -185,7 +208,7 @@ def _fp32_frames(export_path: Path, model, frames: torch.Tensor, target: np.ndar
 def _ops_row(session, block: int, precision: str, refs: int, refs_hr: np.ndarray, target: np.ndarray, opts: ProfileOptions) -> dict:
     from gemx.profiles.ops import frame_op_breakdown
 
-    kv = session.encode(refs_hr)
+    kv = session.encode(refs_hr).kv  # the host arrays, fed to the graph directly
     b = frame_op_breakdown(session.frame_graph, {"target_lr": target, **kv}, runs=max(3, opts.iters // 2), threads=opts.threads)
     return {"block_size": block, "precision": precision, "refs": refs, "ms_per_frame": b.ms_per_frame, "nodes": b.nodes,
             "layout_share": b.layout_share}
@@ -255,14 +278,15 @@ def _probe_memory(p: _MemoryProbe) -> dict[int, int | None]:
 
 
 @torch.inference_mode()
-def _naive_row(model, block: int, refs: int, frames: torch.Tensor, target: np.ndarray, opts: ProfileOptions,
-               flops: int) -> ProfileRow:
-    refs_hr, lr = frames[1:refs + 1][None], torch.from_numpy(target)
+def _naive_row(model, block: int, refs: int, frames: torch.Tensor, opts: ProfileOptions, flops: int,
+               size: tuple[int, int]) -> ProfileRow:
+    """The full model re-encoding its references every frame, on `frames` on the grid."""
+    refs_hr, lr = frames[1:refs + 1][None], downsample(frames[:1], model.config.scale)
     t = time_calls(lambda: model(lr, refs_hr), 1, max(3, opts.iters // 4), opts.seconds)
     memory = peak_rss_delta(lambda: model(lr, refs_hr))  # above the process with the model loaded
     params = sum(p.numel() for p in model.parameters())
     return ProfileRow(block, "torch", "fp32", refs, "naive", t.min_ms, t.p50_ms, t.p90_ms, t.p99_ms, t.fps, t.iters,
-                      memory, "rss over model", 0, flops, params)
+                      memory, "rss over model", 0, flops, params, height=size[0], width=size[1])
 
 
 def _exports_for(source: Path | None, opts: ProfileOptions, progress) -> tuple[dict[int, Path], object]:

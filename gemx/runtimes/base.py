@@ -12,6 +12,7 @@ inside a runtime.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,59 +25,98 @@ from gemx.frames import as_array
 PIXEL_SLACK = 0.25
 
 
+@dataclass
+class Cache:
+    """One reference set's keys and values as the backend holds them, with the geometry they were encoded at."""
+
+    kv: Any
+    refs: int
+    size: tuple[int, int]  # of the references as given (height, width): frames of this size over the scale go with it
+    padded: tuple[int, int]  # on the grid, what the graphs ran at (edge-replicated below and right)
+    nbytes: int
+
+
 class Session(ABC):
-    """Runs the split model: `set_references` once per reference set, then `__call__` per frame."""
+    """Runs the split model: `set_references` once per reference set, then `__call__` per frame.
+
+    Frames of any size work: references and targets off the block grid are padded to it by replicating their
+    edges (below and right), and the output is cropped back, here, so every backend and the server agree. Edge
+    replication continues the picture the way the blocks near the border see it (zeros would read as a black
+    frame border the model never saw in training; a reflection doubles features back into the attention)."""
 
     name: str = "session"
 
-    def __init__(self, contract: Contract, max_refs: int | None):
+    def __init__(self, contract: Contract, max_refs: int | None, max_size: tuple[int, int] | None = None):
         self.contract = contract
         self.max_refs = max_refs
+        self.max_size = tuple(max_size) if max_size else None  # the largest size the graphs were validated at
         self.encoder_runs = 0  # how often references were encoded: caching means once per set
-        self._kv: Any = None
+        self._kv: Cache | None = None
         self.num_references = 0
 
     # -- what every backend implements ---------------------------------------------------------
     @abstractmethod
     def _encode(self, references: np.ndarray) -> Any:
-        """Encode references into a backend-native key/value cache."""
+        """Encode references [R, 3, H, W] on the grid into a backend-native key/value cache."""
 
     @abstractmethod
     def _decode(self, target_lr: np.ndarray, kv: Any) -> np.ndarray:
         """Run the per-frame graph on the cached keys/values; returns float32 [1, 3, H, W]."""
 
     def kv_nbytes(self) -> int:
-        return self.kv_bytes(self.num_references)
+        return self._kv.nbytes if self._kv is not None else 0
 
     def close(self) -> None:
         self._kv = None
 
     # -- the interface ---------------------------------------------------------------------------
-    def encode(self, references: np.ndarray) -> Any:
+    def encode(self, references: np.ndarray) -> Cache:
         """Check and encode one reference set into a key/value cache, without making it this session's own.
 
         A server holding many streams keeps one cache per stream and passes it to `decode`.
         """
-        spec = self.contract.reference_encoder.inputs[0]
-        references = as_array(references, "references")
-        references = self._as_input(references, spec.concrete(len(references)) if np.ndim(references) == 4 else None,
-                                    "references", "[refs, 3, H, W]")
+        references = self._as_input(as_array(references, "references"), "references", "[refs, 3, H, W]", batch=None)
         r = references.shape[0]
         if r == 0:
             raise GemxError("no references given; pass at least one high-resolution reference frame")
         if self.max_refs is not None and r > self.max_refs:
             raise GemxError(f"{r} references exceed the {self.max_refs} this {self.name} session was exported/built for; "
                             f"use at most {self.max_refs}, or re-export with --max-refs {r} (and rebuild)")
-        kv = self._encode(references)
+        size = references.shape[-2:]
+        scale = self.contract.config.scale
+        if size[0] % scale or size[1] % scale:
+            raise GemxError(f"references are {size[1]}x{size[0]}: width and height must be multiples of the scale {scale} "
+                            f"(crop at most {scale - 1} pixels)")
+        padded = self.padded(size, "references")
+        kv = self._encode(_pad_edges(references, padded))
         self.encoder_runs += 1
-        return kv
+        return Cache(kv, r, size, padded, self.contract.kv_bytes(r, padded))
 
-    def decode(self, target_lr: np.ndarray, kv: Any) -> np.ndarray:
-        """One frame against a cache from `encode`."""
-        spec = self.contract.frame.inputs[0]
-        self._check_cache(kv)
-        target_lr = as_array(target_lr, "target_lr")
-        return self._decode(self._as_input(target_lr, spec.concrete(1), "target_lr", "[1, 3, h, w]"), kv)
+    def decode(self, target_lr: np.ndarray, cache: Cache) -> np.ndarray:
+        """One frame against a cache from `encode`: frame_hr [1, 3, H, W] at the references' size."""
+        if not isinstance(cache, Cache):
+            raise GemxError(f"decode takes a cache from this session's encode(), got {type(cache).__name__}")
+        self._check_cache(cache.kv)
+        target_lr = self._as_input(as_array(target_lr, "target_lr"), "target_lr", "[1, 3, h, w]", batch=1)
+        scale = self.contract.config.scale
+        (h, w), (hh, ww) = target_lr.shape[-2:], cache.size
+        if (h * scale, w * scale) != (hh, ww):
+            raise GemxError(f"target_lr is {w}x{h} but its references are {ww}x{hh}: send frames of the references' size over "
+                            f"the scale {scale} ({ww // scale}x{hh // scale}), or set references of this frame's size")
+        lr_padded = (cache.padded[0] // scale, cache.padded[1] // scale)
+        frame = self._decode(_pad_edges(target_lr, lr_padded), cache.kv)
+        return np.ascontiguousarray(frame[..., :hh, :ww]) if cache.padded != cache.size else frame
+
+    def padded(self, size: tuple[int, int], what: str = "references") -> tuple[int, int]:
+        """The grid size (height, width) frames of `size` run at, refused in one line when the graphs cannot run it."""
+        padded = self.contract.on_grid(size) if self.contract.any_size else self.contract.default_size
+        if not self.contract.any_size and tuple(size) != padded:
+            raise GemxError(f"{what} must be {padded[1]}x{padded[0]} for this {self.contract.config.arch} model "
+                            f"(it attends over the whole frame), got {size[1]}x{size[0]}")
+        if self.max_size and (padded[0] > self.max_size[0] or padded[1] > self.max_size[1]):
+            raise GemxError(f"{what} of {size[1]}x{size[0]} exceed the largest size this export was validated at, "
+                            f"{self.max_size[1]}x{self.max_size[0]}; re-export with --max-size {size[1]}x{size[0]}")
+        return padded
 
     def _check_cache(self, kv: Any) -> None:
         """A host cache (name -> array) must be of this session's contract: one made by a session of another
@@ -90,18 +130,18 @@ class Session(ABC):
                                 "use a cache encoded by a session of the same precision")
 
     def set_references(self, references: np.ndarray) -> None:
-        references = as_array(references, "references")
         self._kv = self.encode(references)
-        self.num_references = len(references)
+        self.num_references = self._kv.refs
 
     def __call__(self, target_lr: np.ndarray) -> np.ndarray:
         if self._kv is None:
             raise GemxError("no references set: call set_references(frames) before running frames")
         return self.decode(target_lr, self._kv)
 
-    def kv_bytes(self, refs: int) -> int:
-        """Bytes of one cache of `refs` references, from the contract."""
-        return self.contract.kv_bytes(refs)
+    def kv_bytes(self, refs: int, size: tuple[int, int] | None = None) -> int:
+        """Bytes of one cache of `refs` references at a frame size (default: the training size), from the contract;
+        a size the graphs cannot run is refused here, before anything is encoded."""
+        return self.contract.kv_bytes(refs, self.padded(size) if size else None)
 
     def __enter__(self) -> Session:
         return self
@@ -110,10 +150,10 @@ class Session(ABC):
         self.close()
 
     @staticmethod
-    def _as_input(x: np.ndarray, want: tuple[int, ...] | None, name: str, layout: str) -> np.ndarray:
-        x = np.asarray(x)
-        if want is None or x.shape != want:
-            raise GemxError(f"{name} must be float32 {layout} = {list(want) if want else layout}, got shape {list(x.shape)}")
+    def _as_input(x: np.ndarray, name: str, layout: str, batch: int | None) -> np.ndarray:
+        """RGB frames [N, 3, H, W] (N = `batch` when given) of float pixels in [0, 1], as contiguous float32."""
+        if x.ndim != 4 or x.shape[1] != 3 or (batch is not None and x.shape[0] != batch) or min(x.shape[2:]) < 1:
+            raise GemxError(f"{name} must be float32 {layout} (RGB), got shape {list(x.shape)}")
         if not np.issubdtype(x.dtype, np.floating):
             raise GemxError(f"{name} must be float32 in [0, 1], got {x.dtype} (divide 8-bit pixels by 255)")
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -123,6 +163,15 @@ class Session(ABC):
             raise GemxError(f"{name} has values in [{x.min():.3g}, {x.max():.3g}]; send float32 pixels in [0, 1] "
                             "(divide 8-bit pixels by 255)")
         return x
+
+
+def _pad_edges(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[N, C, H, W] grown to `size` below and right by repeating the last row and column."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    return np.ascontiguousarray(np.pad(x, ((0, 0), (0, 0), (0, size[0] - h), (0, size[1] - w)), mode="edge"))
+
 
 def missing_backend(what: str, extra: str = "gpu") -> GemxError:
     return GemxError(f"{what}; install it with: pip install 'gemx[{extra}]'" if extra else what)

@@ -45,6 +45,8 @@ class BuildOptions:
     timing_cache: Path | None = None
     force: bool = False
     frames: Path | None = None  # a video to check accuracy on (synthetic frames without one)
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) TensorRT tunes for; the first is opt
+    max_size: tuple[int, int] | None = None  # the largest frame an engine takes (default: the export's)
 
     def __post_init__(self) -> None:
         check_positive(refs_min=self.refs_min, refs_opt=self.refs_opt, refs_max=self.refs_max)
@@ -152,12 +154,15 @@ def build_tensorrt(export: ExportDir, opts: BuildOptions, refs_max: int, progres
     _claim(out, opts.force)
     gpu, _ = detect_gpu()
     engines, cache = {}, opts.timing_cache or export.path / TIMING_CACHE
+    sizes = engine_sizes(export, opts)
     with atomic_dir(out, replaceable=lambda p: opts.force and is_build(p)) as tmp:
         for spec in contract.graphs:
-            progress(f"building {spec.name} engine ({precision}, refs {opts.refs_min}/{opts.refs_opt}/{refs_max})")
+            progress(f"building {spec.name} engine ({precision}, refs {opts.refs_min}/{opts.refs_opt}/{refs_max}, "
+                     f"sizes {' / '.join(f'{w}x{h}' for h, w in sizes.values())})")
             profile = Profile()
             for s in spec.inputs:
-                profile.add(s.name, min=s.concrete(opts.refs_min), opt=s.concrete(opts.refs_opt), max=s.concrete(refs_max))
+                profile.add(s.name, min=contract.shape(s, opts.refs_min, sizes["min"]),
+                            opt=contract.shape(s, opts.refs_opt, sizes["opt"]), max=contract.shape(s, refs_max, sizes["max"]))
             network = NetworkFromOnnxPath(str(export.graph_path(spec.name, contract_precision)), strongly_typed=strongly_typed)
             config = CreateConfig(fp16=opts.fp16 and not strongly_typed, int8=opts.int8 and not strongly_typed, profiles=[profile],
                                   load_timing_cache=str(cache) if Path(cache).exists() else None)
@@ -168,7 +173,8 @@ def build_tensorrt(export: ExportDir, opts: BuildOptions, refs_max: int, progres
             "target": "tensorrt", "tensorrt_version": trt.__version__, "precision": precision,
             "strongly_typed": strongly_typed, "contract_precision": contract_precision,
             "gpu": {"name": gpu.name, "compute_capability": gpu.compute_capability},
-            "profile": {"min": opts.refs_min, "opt": opts.refs_opt, "max": refs_max},
+            "profile": {"min": opts.refs_min, "opt": opts.refs_opt, "max": refs_max,
+                        "sizes": {k: list(v) for k, v in sizes.items()}},
             "engines": engines,
             "onnx_sha256": {s.name: sha256(export.graph_path(s.name, contract_precision)) for s in contract.graphs},
         }
@@ -181,6 +187,28 @@ def build_tensorrt(export: ExportDir, opts: BuildOptions, refs_max: int, progres
         result.accuracy = accuracy_gate(export, session, opts.refs_opt, opts.frames)
     _update_record(out, record, result.accuracy)
     return result
+
+
+def engine_sizes(export: ExportDir, opts: BuildOptions) -> dict[str, tuple[int, int]]:
+    """The (height, width) of a TensorRT optimization profile, on the grid: from the smallest size asked (or one grid
+    cell) through the first size asked (or the training size), to --max-size (or the export's largest)."""
+    contract = export.contract()
+    if not contract.any_size:
+        if opts.sizes or opts.max_size:
+            raise GemxError(f"a {export.config.arch} model's graphs keep the training size; drop --sizes and --max-size")
+        return {k: contract.default_size for k in ("min", "opt", "max")}
+    asked = [contract.on_grid(s) for s in opts.sizes]
+    largest = contract.on_grid(opts.max_size) if opts.max_size else export.max_size
+    opt = asked[0] if asked else contract.default_size
+    low = (min(s[0] for s in asked), min(s[1] for s in asked)) if asked else (contract.grid, contract.grid)
+    for name, size in (("--sizes", s) for s in [*asked, opt]):
+        if size[0] > largest[0] or size[1] > largest[1]:
+            raise GemxError(f"{name} {size[1]}x{size[0]} is above the engine's largest size {largest[1]}x{largest[0]}; "
+                            "raise --max-size (re-export with a larger --max-size if it is above the export's)")
+    if export.max_size and (largest[0] > export.max_size[0] or largest[1] > export.max_size[1]):
+        raise GemxError(f"--max-size {largest[1]}x{largest[0]} is above the {export.max_size[1]}x{export.max_size[0]} "
+                        f"the export was validated at; re-export with --max-size {largest[1]}x{largest[0]}")
+    return {"min": low, "opt": opt, "max": largest}
 
 
 def accuracy_gate(export: ExportDir, session, refs: int, video: Path | None = None) -> dict:

@@ -13,28 +13,29 @@ from typing import Any
 
 import numpy as np
 
-from gemx.exporter.contract import GraphSpec
+from gemx.exporter.contract import Contract, GraphSpec
 from gemx.exporter.manifest import TRT_EP_CACHE, ExportDir
 from gemx.runtimes.base import Session, missing_backend
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
-def profile_shapes(graph: GraphSpec, refs: int) -> str:
-    """`name:d0xd1x...` for every input of one graph at `refs` references, as the TensorRT EP wants them."""
-    return ",".join(f"{s.name}:{'x'.join(map(str, s.concrete(refs)))}" for s in graph.inputs)
+def profile_shapes(contract: Contract, graph: GraphSpec, refs: int, size: tuple[int, int] | None) -> str:
+    """`name:d0xd1x...` for every input of one graph at `refs` references and an HR size, as the TensorRT EP wants them."""
+    return ",".join(f"{s.name}:{'x'.join(map(str, contract.shape(s, refs, size)))}" for s in graph.inputs)
 
 
-def _providers(provider: str, graph: GraphSpec, cache: Path, refs_opt: int, refs_max: int) -> list[Any]:
+def _providers(provider: str, contract: Contract, graph: GraphSpec, cache: Path, refs_opt: int, refs_max: int,
+               max_size: tuple[int, int] | None) -> list[Any]:
     if provider == "cpu":
         return [PROVIDERS["cpu"]]
     if provider == "cuda":
         return [PROVIDERS["cuda"], PROVIDERS["cpu"]]
     return [(PROVIDERS["tensorrt"], {
         "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
-        "trt_profile_min_shapes": profile_shapes(graph, 1),
-        "trt_profile_opt_shapes": profile_shapes(graph, min(refs_opt, refs_max)),
-        "trt_profile_max_shapes": profile_shapes(graph, refs_max),
+        "trt_profile_min_shapes": profile_shapes(contract, graph, 1, (contract.grid, contract.grid) if max_size else None),
+        "trt_profile_opt_shapes": profile_shapes(contract, graph, min(refs_opt, refs_max), None),
+        "trt_profile_max_shapes": profile_shapes(contract, graph, refs_max, max_size),
     }), PROVIDERS["cuda"], PROVIDERS["cpu"]]
 
 
@@ -48,7 +49,7 @@ class OrtSession(Session):
                  refs_opt: int = 5, graphs: dict[str, Path | str | bytes] | None = None):
         import onnxruntime as ort
 
-        super().__init__(export.contract(precision), export.max_refs)
+        super().__init__(export.contract(precision), export.max_refs, export.max_size)
         self.name = f"ort-{provider}"
         available = ort.get_available_providers()
         if PROVIDERS[provider] not in available:
@@ -63,7 +64,8 @@ class OrtSession(Session):
         cache = export.path / TRT_EP_CACHE
         self.encoder, self.frame = (
             ort.InferenceSession(ort_source(graphs[spec.name]), opts,
-                                 providers=_providers(provider, spec, cache, refs_opt, export.max_refs))
+                                 providers=_providers(provider, self.contract, spec, cache, refs_opt, export.max_refs,
+                                                      export.max_size))
             for spec in self.contract.graphs
         )
         self.on_device = provider != "cpu"

@@ -73,13 +73,13 @@ def open_session(runtime: str, export_path: Path, precision: str = "fp32", threa
             torch.set_num_threads(threads)
         if model is None:
             raise GemxError("the torch runtime needs the PyTorch model; pass a checkpoint")
-        return TorchSession(model, max_refs=export.max_refs)
+        return TorchSession(model, max_refs=export.max_refs, max_size=export.max_size)
     if runtime == "torch-cuda":
         from gemx.runtimes.torch_cuda_session import TorchCudaSession
 
         if model is None:
             raise GemxError("the torch-cuda runtime needs the PyTorch model; pass a checkpoint")
-        return TorchCudaSession(model, precision, max_refs=export.max_refs)
+        return TorchCudaSession(model, precision, max_refs=export.max_refs, max_size=export.max_size)
     if runtime == "tensorrt":
         from gemx.runtimes.trt_session import TensorRTSession
 

@@ -30,12 +30,12 @@ class TorchCudaSession(Session):
     name = "torch-cuda"
 
     def __init__(self, model: GeminoAttention, precision: str = "fp32", max_refs: int | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, max_size: tuple[int, int] | None = None):
         ok, why = cuda_available()
         if not ok:
             raise GemxError(f"the torch-cuda runtime needs an NVIDIA GPU and a CUDA build of PyTorch: {why}")
         contract = Contract(model.config, precision)
-        super().__init__(contract, max_refs)
+        super().__init__(contract, max_refs, max_size)
         if precision == "fp32":  # FP32 means FP32: no TF32 tensor-core rounding in convolutions and matmuls
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
@@ -53,7 +53,7 @@ class TorchCudaSession(Session):
     @torch.inference_mode()
     def _decode(self, target_lr: np.ndarray, kv: tuple[torch.Tensor, ...]) -> np.ndarray:
         x = torch.from_numpy(target_lr).to(self.device, non_blocking=True)
-        if not self.cuda_graphs or kv is not self._kv:  # replay only for this session's own cache
+        if not self.cuda_graphs or self._kv is None or kv is not self._kv.kv:  # replay only for this session's own cache
             return self.frame(x, kv).cpu().numpy()
         if self._graph is None:
             self._graph = self._capture(x, kv)
@@ -74,9 +74,6 @@ class TorchCudaSession(Session):
         with torch.cuda.graph(graph):
             static_out = self.frame(static_in, kv)
         return graph, static_in, static_out
-
-    def kv_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._kv) if self._kv is not None else 0
 
     def close(self) -> None:
         super().close()

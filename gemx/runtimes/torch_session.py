@@ -13,8 +13,9 @@ from gemx.runtimes.base import Session
 class TorchSession(Session):
     name = "torch"
 
-    def __init__(self, model: GeminoAttention, device: str = "cpu", max_refs: int | None = None):
-        super().__init__(Contract(model.config), max_refs)
+    def __init__(self, model: GeminoAttention, device: str = "cpu", max_refs: int | None = None,
+                 max_size: tuple[int, int] | None = None):
+        super().__init__(Contract(model.config), max_refs, max_size)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
 
@@ -25,6 +26,3 @@ class TorchSession(Session):
     @torch.inference_mode()
     def _decode(self, target_lr: np.ndarray, kv: ReferenceCache) -> np.ndarray:
         return self.model.attend_and_decode(torch.from_numpy(target_lr).to(self.device), kv).cpu().numpy()
-
-    def kv_nbytes(self) -> int:
-        return self._kv.nbytes() if self._kv is not None else 0

@@ -9,6 +9,7 @@ Keys and values stay on the GPU between frames.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -26,8 +27,11 @@ class TensorRTSession(Session):
     def __init__(self, export: ExportDir, precision: str = "fp16"):
         record = read_engine_record(export, precision)
         check_engine_record(record, export)
-        super().__init__(export.contract(record["contract_precision"]), record["profile"]["max"])
+        sizes = record["profile"].get("sizes", {})
+        super().__init__(export.contract(record["contract_precision"]), record["profile"]["max"],
+                         tuple(sizes["max"]) if sizes else export.max_size)
         self.min_refs = record["profile"]["min"]
+        self.min_size = tuple(sizes["min"]) if sizes else None  # the engine's profile starts here
         try:
             from polygraphy.backend.common import BytesFromPath
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
@@ -43,6 +47,12 @@ class TensorRTSession(Session):
         if 0 < len(references) < self.min_refs:
             raise GemxError(f"{len(references)} references are below this engine's profile minimum {self.min_refs}; "
                             f"rebuild with --refs-min {len(references)}")
+        if self.min_size and references.ndim == 4:
+            h, w = self.contract.on_grid(references.shape[-2:])
+            if h < self.min_size[0] or w < self.min_size[1]:
+                raise GemxError(f"references of {references.shape[-1]}x{references.shape[-2]} are below this engine's "
+                                f"smallest size {self.min_size[1]}x{self.min_size[0]}; rebuild with --sizes "
+                                f"{references.shape[-1]}x{references.shape[-2]},...")
 
     def set_references(self, references: np.ndarray) -> None:
         references = as_array(references, "references")
@@ -55,7 +65,8 @@ class TensorRTSession(Session):
         which reuses the runner's device buffers: it is copied to the host."""
         references = as_array(references, "references")
         self._check_profile(references)
-        return {name: view.numpy() for name, view in super().encode(references).items()}
+        cache = super().encode(references)
+        return dataclasses.replace(cache, kv={name: view.numpy() for name, view in cache.kv.items()})
 
     def _encode(self, references: np.ndarray) -> Any:
         # Device buffers owned by the encoder runner: they live until the next encode, which replaces them anyway.

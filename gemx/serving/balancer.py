@@ -40,7 +40,7 @@ class BalancerOptions:
     grpc_port: int = 8001
     host: str = "127.0.0.1"
     max_streams: int = 16
-    timeout_s: int = 10
+    timeout_s: int = 5
 
     def __post_init__(self) -> None:
         if not self.replicas:

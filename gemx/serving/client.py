@@ -75,11 +75,9 @@ class RemoteStream:
 
     # -- Session-like interface ------------------------------------------------------------------
     def set_references(self, references: np.ndarray) -> None:
-        spec = self.contract.reference_encoder.inputs[0]
         references = as_array(references, "references")
-        if references.ndim != 4 or references.shape[1:] != spec.concrete(1)[1:] or not len(references):
-            raise GemxError(f"references must be float32 [refs, 3, H, W] = [refs, {', '.join(map(str, spec.shape[1:]))}], "
-                            f"got shape {list(references.shape)}")
+        if references.ndim != 4 or references.shape[1] != 3 or not len(references):
+            raise GemxError(f"references must be float32 [refs, 3, H, W] (RGB), got shape {list(references.shape)}")
         if len(references) > self.max_refs:
             raise GemxError(f"{len(references)} references exceed the {self.max_refs} this server allows; send at most {self.max_refs}")
         self._references = np.ascontiguousarray(references, np.float32)

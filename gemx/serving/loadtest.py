@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from gemx.errors import GemxError
 from gemx.frames import sample_frames
@@ -35,6 +36,7 @@ class LoadOptions:
     refs: int = 5
     video: Path | None = None  # an HR video to draw references and targets from (synthetic frames without one)
     repo: Path | None = None  # the repository the server serves: adds the in-process row
+    size: tuple[int, int] | None = None  # HR (height, width) of every call; default: the model's training size
 
     def __post_init__(self) -> None:
         if not self.streams or min(self.streams) < 1:
@@ -101,6 +103,9 @@ def loadtest(url: str, opts: LoadOptions, progress: Callable[[str], None] = lamb
     with RemoteStream(url) as probe:  # reachable, and which geometry it serves
         contract = probe.contract
     frames, source = sample_frames(contract.config.size, CLIP_FRAMES, opts.video)  # timing does not depend on content
+    if opts.size is not None and tuple(opts.size) != tuple(frames.shape[-2:]):  # calls from a camera of that geometry
+        frames = torch.nn.functional.interpolate(frames, size=tuple(opts.size), mode="bilinear", align_corners=False).clamp(0, 1)
+        source += f", resized to {opts.size[1]}x{opts.size[0]}"
     frames = frames.numpy()
     rows = []
     if opts.repo is not None:

@@ -101,11 +101,13 @@ class StreamTable:
     # -- the bookkeeping -------------------------------------------------------------------------
     def _set_locked(self, stream_id: int, references: np.ndarray) -> None:
         refs = len(references) if np.ndim(references) == 4 else 0
-        nbytes = self.session.kv_bytes(refs)
+        size = tuple(np.shape(references)[-2:]) if np.ndim(references) == 4 and min(np.shape(references)[-2:]) > 0 else None
+        nbytes = self.session.kv_bytes(refs, size)  # at the stream's own size: a 720p call holds 15x a 256x256 one
         if nbytes > self.budget_bytes:
             raise GemxError(f"stream {stream_id}: {refs} references need {nbytes / 2**20:.1f} MB of keys/values, over this "
                             f"server's budget of {self.budget_bytes / 2**20:.1f} MB; send fewer references")
-        kv = self.session.encode(references)  # checks shape, range and count before anything is evicted
+        kv = self.session.encode(references)  # checks shape, size, range and count before anything is evicted
+        nbytes = kv.nbytes
         self._drop_locked(stream_id, None)
         while self._streams and self.nbytes + nbytes > self.budget_bytes:
             oldest = next(iter(self._streams))

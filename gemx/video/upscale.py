@@ -1,9 +1,10 @@
 """`gemx upscale`: a low-resolution stream plus a few HR reference frames -> a high-resolution stream.
 
-Frame geometry: the model works on square frames of its own size. Every input frame is centre-cropped
-to a square and resized (Lanczos) to the model's LR size (or, with --simulate, to its HR size before
-the LR stream is synthesised); references are cropped and resized the same way to the HR size. The
-output is the model's HR size.
+Frame geometry: the video's own. A W x H low-resolution video becomes a (W*s) x (H*s) one, and references must
+be frames of that size (the same camera); with --simulate, a W x H high-resolution video is cropped by at most
+s-1 pixels to multiples of the scale s, its LR stream synthesised, and the output is that size. The session pads
+frames off the model's block grid and crops them back. `crop="square"` keeps the paper's protocol instead: every
+frame centre-cropped to a square and resized (Lanczos) to the model's training size.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gemx.video.io import write_video
 from gemx.video.references import select_diverse
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+CROPS = ("native", "square")
 
 
 @dataclass
@@ -40,9 +42,12 @@ class UpscaleOptions:
     threads: int | None = None
     precision: str = "fp32"  # int8 on ort/tensorrt, fp16 on the GPU runtimes
     calib: list[Path] = field(default_factory=list)  # INT8 calibration videos (the shipped checkpoint needs none)
+    crop: str = "native"  # "native": the video's geometry; "square": centre square at the training size (the paper's)
 
     def __post_init__(self) -> None:
         check_positive(refs=self.refs, threads=self.threads)
+        if self.crop not in CROPS:
+            raise GemxError(f"--crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
 
 
 @dataclass
@@ -50,12 +55,13 @@ class UpscaleResult:
     output: Path
     frames: int
     fps: Fraction
-    size: int
+    size: tuple[int, int]  # of the output frames (height, width)
     runtime: str
     reference_indices: list[int]
     reference_source: str
     encoder_runs: int
     metrics: dict = field(default_factory=dict)  # with --simulate: {"gemx": {...}, "bicubic": {...}}
+    cropped: tuple[int, int] = (0, 0)  # rows and columns cut from the input to reach multiples of the scale
 
 
 def upscale(input_path: Path, output: Path, opts: UpscaleOptions, ckpt_path: Path | None = None,
@@ -68,18 +74,25 @@ def upscale(input_path: Path, output: Path, opts: UpscaleOptions, ckpt_path: Pat
     info = probe(input_path)
     ckpt = load_checkpoint(ckpt_path) if session is None else None
     cfg = ckpt.config if session is None else session.contract.config
-    hr_frames = None
+    square = opts.crop == "square"
+    hr_frames, cropped = None, (0, 0)
     if opts.simulate:
         status("reading the high-resolution input")
-        hr_frames = [square_crop_resize(f, cfg.size) for f in iter_frames(input_path)]
+        if square:
+            hr_frames = [square_crop_resize(f, cfg.size) for f in iter_frames(input_path)]
+        else:
+            cropped = (info.height % cfg.scale, info.width % cfg.scale)
+            hr_frames = [f[: f.shape[0] - f.shape[0] % cfg.scale, : f.shape[1] - f.shape[1] % cfg.scale] for f in iter_frames(input_path)]
         if not hr_frames:
             raise GemxError(f"{input_path} contains no decodable frames")
+        out_size = hr_frames[0].shape[:2]
         ref_pool, ref_source = hr_frames, f"{input_path.name} (simulated receiver)"
     else:
         if opts.references is None:
             raise GemxError("upscaling needs high-resolution references of the same person: pass --references "
                             "(images, a folder of images, or a video), or --simulate to make the LR stream from an HR video")
-        ref_pool, ref_source = _read_references(Path(opts.references), cfg.size), str(opts.references)
+        out_size = (cfg.size, cfg.size) if square else (info.height * cfg.scale, info.width * cfg.scale)
+        ref_pool, ref_source = _read_references(Path(opts.references), out_size, square), str(opts.references)
     indices = select_diverse(ref_pool, opts.refs)
     references = to_tensor(np.stack([ref_pool[i] for i in indices])).numpy()
 
@@ -92,7 +105,8 @@ def upscale(input_path: Path, output: Path, opts: UpscaleOptions, ckpt_path: Pat
     scores: dict[str, dict[str, list[float]]] = {"gemx": {"psnr": [], "ssim_db": []}, "bicubic": {"psnr": [], "ssim_db": []}}
 
     def results() -> Iterator[np.ndarray]:
-        source = hr_frames if hr_frames is not None else (square_crop_resize(f, cfg.lr_size) for f in iter_frames(input_path))
+        source = hr_frames if hr_frames is not None else (square_crop_resize(f, cfg.lr_size) if square else f
+                                                           for f in iter_frames(input_path))
         for i, frame in enumerate(source):
             if hr_frames is not None:
                 lr = downsample(to_tensor(frame)[None], cfg.scale)
@@ -111,7 +125,8 @@ def upscale(input_path: Path, output: Path, opts: UpscaleOptions, ckpt_path: Pat
     if count == 0:
         raise GemxError(f"{input_path} contains no decodable frames")
     metrics = {k: {m: float(np.mean(v)) for m, v in s.items()} for k, s in scores.items()} if opts.simulate else {}
-    return UpscaleResult(output, count, info.fps, cfg.size, session.name, indices, ref_source, session.encoder_runs, metrics)
+    return UpscaleResult(output, count, info.fps, tuple(out_size), session.name, indices, ref_source, session.encoder_runs,
+                         metrics, cropped)
 
 
 def _score(scores: dict, original: np.ndarray, result: np.ndarray, bicubic: np.ndarray) -> None:
@@ -137,7 +152,9 @@ def _open(ckpt, opts: UpscaleOptions, refs: int, status):
     return open_session(runtime, path, opts.precision, threads=opts.threads, model=ckpt.model)
 
 
-def _read_references(path: Path, size: int) -> list[np.ndarray]:
+def _read_references(path: Path, size: tuple[int, int], square: bool) -> list[np.ndarray]:
+    """Reference frames at the output's size (height, width): images or a video of the same camera; with `square`,
+    centre-cropped and resized to the training size like the frames."""
     from PIL import Image
 
     if not path.exists():
@@ -146,17 +163,27 @@ def _read_references(path: Path, size: int) -> list[np.ndarray]:
     if path.is_dir() and not files:
         raise GemxError(f"{path} holds no reference images ({', '.join(IMAGE_SUFFIXES)})")
     if len(files) == 1 and files[0].suffix.lower() not in IMAGE_SUFFIXES:
-        frames = [square_crop_resize(f, size) for f in iter_frames(files[0])]
+        frames = [_at_size(f, size, square, f"reference video {path}") for f in iter_frames(files[0])]
         if not frames:
             raise GemxError(f"reference video {path} contains no decodable frames")
         return frames
     out = []
     for f in files:
         try:
-            out.append(square_crop_resize(np.asarray(Image.open(f).convert("RGB")), size))
+            image = np.asarray(Image.open(f).convert("RGB"))
         except (OSError, Image.DecompressionBombError) as e:
             raise GemxError(f"cannot read reference image {f}: {e}") from None
+        out.append(_at_size(image, size, square, f"reference image {f}"))
     return out
+
+
+def _at_size(frame: np.ndarray, size: tuple[int, int], square: bool, what: str) -> np.ndarray:
+    if square:
+        return square_crop_resize(frame, size[0])
+    if frame.shape[:2] != tuple(size):
+        raise GemxError(f"{what} is {frame.shape[1]}x{frame.shape[0]}; references must be frames of the output's size "
+                        f"{size[1]}x{size[0]} (the input's size times the scale), from the same camera")
+    return frame
 
 
 FRAMES_RECORD = ".gemx-frames.json"  # marks a folder of frames as gemx's own: --force may replace it

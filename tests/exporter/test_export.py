@@ -30,12 +30,14 @@ def test_refs_axis_is_symbolic_in_both_graphs(tiny_export):
             for s in spec.inputs + spec.outputs:
                 assert dims(values[s.name]) == list(s.shape)
             assert any(REFS in dims(v) for v in values.values())
+            first = dims(values[spec.inputs[0].name])
+            assert first[2:] in (["height", "width"], ["lr_height", "lr_width"])  # any frame size on the grid
 
 
 def test_parity_at_1_2_5_10_and_max(tiny_export):
-    rows = {r.refs: r for r in tiny_export.parity["fp32"]}
-    assert sorted(rows) == [1, 2, 5, 10, 12]
-    assert all(r.max_abs_error <= 1e-4 for r in rows.values())
+    rows = {(r.refs, tuple(r.size or ())): r for r in tiny_export.parity["fp32"]}
+    assert sorted(rows) == [(1, ()), (2, ()), (2, (64, 96)), (2, (96, 64)), (5, ()), (10, ()), (12, ())]
+    assert all(r.max_abs_error <= 1e-4 for r in rows.values())  # at the training size, landscape and portrait
 
 
 def test_fp16_graphs_are_mixed_precision_with_fp32_softmax(tiny_export):
@@ -69,7 +71,8 @@ def test_manifest_describes_graphs_and_hashes(tiny_export):
     assert m["format"] == "gemx-export" and m["refs"] == {"axis": "refs", "min": 1, "max": 12, "validated": [1, 2, 5, 10, 12]}
     graph = m["precisions"]["fp32"]["graphs"]["frame"]
     assert graph["file"] == "frame.onnx" and len(graph["sha256"]) == 64
-    assert graph["inputs"][0] == {"name": "target_lr", "shape": [1, 3, 16, 16], "dtype": "float32"}
+    assert graph["inputs"][0] == {"name": "target_lr", "shape": [1, 3, "lr_height", "lr_width"], "dtype": "float32"}
+    assert m["spatial"] == {"axes": ["height", "width"], "grid": 32, "max_size": [1088, 1920]}
     assert m["model"]["parameters"] == sum(p.numel() for p in load_checkpoint(tiny_export.path.parent / "tiny.pt").model.parameters())
 
 
@@ -79,19 +82,27 @@ def test_graphs_pass_the_tensorrt_compatibility_check(tiny_export):
         assert "Resize" not in r.op_counts or r.graph.startswith("frame")  # only the decoder's bilinear x2
 
 
-def test_tensorrt_check_flags_cubic_resize_and_dynamic_reshape():
+def test_tensorrt_check_flags_cubic_resize_and_reshapes_from_tensor_values():
+    """A Reshape whose shape is read from shapes (Shape, then integer ops with constants) is what TensorRT runs as
+    shape tensors; one read from a tensor's values is not."""
     from onnx import TensorProto, helper
 
     nodes = [
         helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="cubic"),
         helper.make_node("Shape", ["y"], ["s"]),
-        helper.make_node("Reshape", ["y", "s"], ["z"]),
+        helper.make_node("Div", ["s", "two"], ["half"]),
+        helper.make_node("Reshape", ["y", "half"], ["z"], name="from_shapes"),
+        helper.make_node("Cast", ["y"], ["values"], to=TensorProto.INT64),
+        helper.make_node("Reshape", ["y", "values"], ["w"], name="from_values"),
     ]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
-                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
-                              [helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])])
-    problems = " ".join(check_tensorrt_compat(helper.make_model(graph), "g").problems)
-    assert "mode='cubic'" in problems and "computed at run time" in problems
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("z", "w")],
+                              [helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2]),
+                               helper.make_tensor("two", TensorProto.INT64, [1], [2])])
+    problems = check_tensorrt_compat(helper.make_model(graph), "g").problems
+    assert any("mode='cubic'" in p for p in problems)
+    assert [p for p in problems if "Reshape" in p] == [
+        "Reshape node 'from_values': shape is computed from tensor values; TensorRT needs it from shapes and constants"]
 
 
 def test_existing_export_is_not_overwritten_without_force(tiny_export):

@@ -57,11 +57,13 @@ def test_missing_engines_say_how_to_build(tiny_export):
         br.read_engine_record(read_export_dir(tiny_export.path), "fp16")
 
 
-def test_ort_tensorrt_profile_shapes_cover_the_refs_axis(tiny_export):
+def test_ort_tensorrt_profile_shapes_cover_the_refs_and_size_axes(tiny_export):
     contract = read_export_dir(tiny_export.path).contract()
-    encoder = dict(item.split(":") for item in profile_shapes(contract.reference_encoder, 7).split(","))
-    assert encoder == {"references": "7x3x64x64"}
-    shapes = dict(item.split(":") for item in profile_shapes(contract.frame, 7).split(","))
-    assert shapes["target_lr"] == "1x3x16x16" and len(shapes) == 7
-    key = contract.frame.input("key_0")
-    assert shapes["key_0"] == "x".join(map(str, key.concrete(7))) and "7" in shapes["value_2"].split("x")
+    encoder = dict(item.split(":") for item in profile_shapes(contract, contract.reference_encoder, 7, (96, 160)).split(","))
+    assert encoder == {"references": "7x3x96x160"}
+    shapes = dict(item.split(":") for item in profile_shapes(contract, contract.frame, 7, (96, 160)).split(","))
+    assert shapes["target_lr"] == "1x3x24x40" and len(shapes) == 7
+    # tiny: level 0 is 48x80 in 4x4 blocks (12 x 20 = 240 blocks); 8 channels, 16 tokens per block
+    assert shapes["key_0"] == "240x8x7x16" and shapes["value_0"] == "240x7x16x8" and "7" in shapes["value_2"].split("x")
+    default = dict(item.split(":") for item in profile_shapes(contract, contract.frame, 1, None).split(","))
+    assert default["target_lr"] == "1x3x16x16"  # the training size when none is named

@@ -79,7 +79,7 @@ def test_torch_cuda_fp16_keeps_the_fp16_graph_dtypes_and_stays_close(tiny_ckpt):
     cfg = model.config
     half, full = TorchCudaSession(model, "fp16"), TorchCudaSession(model, "fp32")
     r = frames(5, cfg.size, seed=1).numpy()
-    kv = half.encode(r)
+    kv = half.encode(r).kv
     assert [str(t.dtype).removeprefix("torch.") for t in kv] == [s.dtype for s in half.contract.kv]
     half.set_references(r)
     full.set_references(r)

@@ -85,8 +85,13 @@ def test_bad_calls_are_clear_errors(tiny_export):
     with pytest.raises(GemxError, match="no references given"):
         s.set_references(np.zeros((0, 3, cfg.size, cfg.size), np.float32))
     s.set_references(frames(1, cfg.size).numpy())
-    with pytest.raises(GemxError, match=r"target_lr must be float32 \[1, 3, h, w\] = \[1, 3, 16, 16\]"):
+    with pytest.raises(GemxError, match="target_lr is 64x64 but its references are 64x64: send frames of the references' size "
+                                        "over the scale 4 \\(16x16\\)"):
         s(np.zeros((1, 3, cfg.size, cfg.size), np.float32))
+    with pytest.raises(GemxError, match=r"target_lr must be float32 \[1, 3, h, w\] \(RGB\), got shape \[2, 3, 16, 16\]"):
+        s(np.zeros((2, 3, 16, 16), np.float32))
+    with pytest.raises(GemxError, match="width and height must be multiples of the scale 4"):
+        s.set_references(frames(1, 66).numpy())
 
 
 def test_fp16_graphs_run_in_ort_close_to_fp32(tiny_export):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from google.protobuf import text_format
 from tritonclient.grpc import InferenceServerClient, InferInput
 from tritonclient.grpc.model_config_pb2 import ModelConfig
@@ -110,10 +111,12 @@ def test_config_parses_with_tritons_protobuf_and_follows_the_contract(repo, tiny
     config = text_format.Parse((repo.model_dir / "config.pbtxt").read_text(), ModelConfig())
     contract = tiny_export_contract(tiny_export)
     inputs = {i.name: list(i.dims) for i in config.input}
-    assert inputs == {"references": [-1, 3, 64, 64], "target_lr": list(contract.frame.inputs[0].shape)}
+    # the contract's symbolic axes (refs, height, width) are Triton's -1: one server takes every frame size
+    assert inputs == {"references": [-1, 3, -1, -1], "target_lr": [1, 3, -1, -1]}
+    assert [d if isinstance(d, int) else -1 for d in contract.frame.inputs[0].shape] == inputs["target_lr"]
     assert {i.name for i in config.input if i.optional} == {"references", "target_lr"}
     assert config.output[0].name == contract.frame.outputs[0].name
-    assert list(config.output[0].dims) == list(contract.frame.outputs[0].shape)
+    assert list(config.output[0].dims) == [1, 3, -1, -1]
     assert config.sequence_batching.max_sequence_idle_microseconds == int(IDLE_S * 1e6)
     assert {c.name for c in config.sequence_batching.control_input} == {"START", "END", "CORRID"}
     assert config.parameters["max_refs"].string_value == str(MAX_REFS)
@@ -230,7 +233,11 @@ def test_each_bad_input_gets_its_error_while_another_stream_goes_on(server, raw,
         "first frame without references": (dict(stream_id=2001, lr=lr[0], start=True), "must carry `references`"),
         "too many references": (dict(stream_id=2002, lr=lr[0], refs=frames(MAX_REFS + 1, 64).numpy(), start=True),
                                 f"exceed the {MAX_REFS}"),
-        "wrong shape": (dict(stream_id=2003, lr=lr[0][:, :, :8], refs=refs, start=True), "unexpected shape"),
+        "a frame not of its references' size": (dict(stream_id=2003, lr=lr[0][:, :, :8], refs=refs, start=True),
+                                                 "target_lr is 16x8 but its references are 64x64"),
+        "a size above the repository's limit": (dict(stream_id=2008, lr=np.zeros((1, 3, 16, 496), np.float32),
+                                                     refs=np.zeros((1, 3, 64, 1984), np.float32), start=True),
+                                                "exceed the largest size this export was validated at, 1920x1088"),
         "wrong dtype": (dict(stream_id=2004, lr=lr[0].astype(np.float64), refs=refs.astype(np.float64), start=True,
                              dtype="FP64"), "expects 'FP32'"),
         "NaN": (dict(stream_id=2005, lr=lr[0], refs=np.full_like(refs, np.nan), start=True), "NaN"),
@@ -243,6 +250,35 @@ def test_each_bad_input_gets_its_error_while_another_stream_goes_on(server, raw,
         out = raw.send(2000, good_lr[1]).as_numpy("frame_hr")  # the other stream is untouched
         np.testing.assert_allclose(out, expected(local, good_refs, good_lr[1]), atol=1e-4, err_msg=what)
     raw.send(2000, None, end=True)
+
+
+def test_streams_of_different_sizes_share_one_server(server, local):
+    """A stream's size is its references': a 64x64 call and a 96x64 call (landscape) interleaved on one server, each
+    frame equal to a local session of that size; references of another size mid-stream change the stream's size."""
+    def call(h, w, seed):
+        refs = torch.nn.functional.interpolate(frames(1, 64, seed=seed), size=(h, w), mode="bilinear").clamp(0, 1).numpy()
+        lr = downsample(torch.from_numpy(refs[:1]).repeat(3, 1, 1, 1) * 0.9, 4).numpy()[:, None]
+        return refs, lr
+
+    calls = {"square": call(64, 64, 60), "landscape": call(64, 96, 61)}  # 96x64: this server's budget holds both
+    streams = {name: RemoteStream(server.grpc_url) for name in calls}
+    try:
+        for name, (refs, _) in calls.items():
+            streams[name].set_references(refs)
+        for i in range(3):
+            for name, (refs, lr) in calls.items():
+                out = streams[name](lr[i])
+                assert out.shape == (1, 3, *refs.shape[-2:])
+                np.testing.assert_allclose(out, expected(local, refs, lr[i]), atol=1e-4, err_msg=name)
+        refs, lr = calls["square"]
+        streams["landscape"].set_references(refs)  # the call's camera changed: its stream now has the new size
+        np.testing.assert_allclose(streams["landscape"](lr[0]), expected(local, refs, lr[0]), atol=1e-4)
+        with pytest.raises(GemxError, match="target_lr is 24x16 but its references are 64x64"):
+            streams["landscape"](calls["landscape"][1][0])
+        assert streams["square"].server_kv_bytes > 0
+    finally:
+        for s in streams.values():
+            s.close()
 
 
 def test_a_server_restart_mid_stream_is_healed_by_the_client(server, local):
@@ -271,10 +307,12 @@ def test_stream_simulate_gives_the_frames_of_upscale(server, tiny_export, tmp_pa
     video = sorted(videos_or_skip().glob("*.mp4"))[0]
     ckpt = tiny_export.path.parent / "tiny.pt"
     runner = CliRunner()
+    # the square protocol: this server's key/value budget holds streams at the tiny model's 64x64
     local = runner.invoke(app, ["upscale", str(video), str(tmp_path / "local"), "--simulate", "--refs", "3", "--ckpt", str(ckpt),
-                                "--runtime", "ort"])
+                                "--runtime", "ort", "--crop", "square"])
     assert local.exit_code == 0, local.output
-    remote = runner.invoke(app, ["stream", server.grpc_url, str(video), str(tmp_path / "remote"), "--simulate", "--refs", "3"])
+    remote = runner.invoke(app, ["stream", server.grpc_url, str(video), str(tmp_path / "remote"), "--simulate", "--refs", "3",
+                                 "--crop", "square"])
     assert remote.exit_code == 0, remote.output
     from PIL import Image
 
@@ -371,6 +409,8 @@ def test_a_launcher_killed_by_sigkill_takes_its_server_with_it(repo):
         while running(triton[0]) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not running(triton[0]), "tritonserver outlived its killed launcher"
+        while not all(port_free("127.0.0.1", port) for port in ports) and time.monotonic() < deadline:
+            time.sleep(0.2)  # the Python backend's stub, orphaned, notices its server is gone and lets go
         assert all(port_free("127.0.0.1", port) for port in ports)
     finally:
         if proc.poll() is None:

@@ -128,3 +128,43 @@ def test_int8_upscale_stays_close_to_fp32_and_names_what_runs_it(videos, tiny_ck
         with pytest.raises(GemxError, match=f"the {runtime} runtime does not run {precision}"):
             upscale(videos / "hr.mp4", tmp_path / "x", UpscaleOptions(simulate=True, runtime=runtime, precision=precision), tiny_ckpt)
     assert not (tmp_path / "x").exists()
+
+
+def wide(n: int, h: int, w: int, seed: int = 0) -> list[np.ndarray]:
+    """`clip` frames stretched to a landscape geometry."""
+    return [np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in clip(n, 64, seed)]
+
+
+def test_simulate_keeps_a_landscape_videos_geometry_cropping_to_the_scale(tiny_ckpt, tmp_path):
+    """A 130x98 HR video (on no grid, and not a multiple of the scale 4): cropped by 2 columns and 2 rows to 128x96,
+    the LR stream 32x24, the output 128x96 frame for frame, with its quality against the cropped original."""
+    write_video(tmp_path / "wide.mp4", iter(wide(8, 98, 130)), Fraction(10))
+    out = tmp_path / "frames"
+    result = upscale(tmp_path / "wide.mp4", out, UpscaleOptions(simulate=True, refs=2, runtime="ort"), tiny_ckpt)
+    assert result.size == (96, 128) and result.cropped == (2, 2) and result.frames == 8
+    written = sorted(out.glob("frame_*.png"))
+    assert len(written) == 8 and all(Image.open(p).size == (128, 96) for p in written)
+    assert result.metrics["bicubic"]["psnr"] > 20  # against the cropped original: the geometry lines up (the tiny model is untrained)
+
+
+def test_an_lr_video_becomes_its_size_times_the_scale_and_references_must_match(tiny_ckpt, tmp_path):
+    write_video(tmp_path / "lr.mp4", iter([f[::4, ::4] for f in wide(6, 96, 160, seed=2)]), Fraction(10))  # 40x24
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i, f in enumerate(wide(3, 96, 160, seed=3)):
+        Image.fromarray(f).save(refs / f"r{i}.png")
+    result = upscale(tmp_path / "lr.mp4", tmp_path / "out.mp4", UpscaleOptions(references=refs, refs=2, runtime="ort"), tiny_ckpt)
+    info = probe(tmp_path / "out.mp4")
+    assert (info.width, info.height) == (160, 96) and result.size == (96, 160) and result.frames == 6
+    Image.fromarray(wide(1, 64, 64)[0]).save(refs / "other_camera.png")
+    with pytest.raises(GemxError, match=r"other_camera.png is 64x64; references must be frames of the output's size 160x96"):
+        upscale(tmp_path / "lr.mp4", tmp_path / "again.mp4", UpscaleOptions(references=refs, refs=2, runtime="ort"), tiny_ckpt)
+
+
+def test_crop_square_keeps_the_papers_protocol(tiny_ckpt, tmp_path):
+    write_video(tmp_path / "wide.mp4", iter(wide(6, 96, 160)), Fraction(10))
+    result = upscale(tmp_path / "wide.mp4", tmp_path / "sq", UpscaleOptions(simulate=True, refs=2, runtime="ort", crop="square"),
+                     tiny_ckpt)
+    assert result.size == (64, 64) and result.cropped == (0, 0)
+    with pytest.raises(GemxError, match="--crop must be one of native, square"):
+        UpscaleOptions(crop="circle")
