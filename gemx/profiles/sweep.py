@@ -208,8 +208,10 @@ def _fp32_frames(export_path: Path, model, frames: torch.Tensor, target: np.ndar
 def _ops_row(session, block: int, precision: str, refs: int, refs_hr: np.ndarray, target: np.ndarray, opts: ProfileOptions) -> dict:
     from gemx.profiles.ops import frame_op_breakdown
 
-    kv = session.encode(refs_hr).kv  # the host arrays, fed to the graph directly
-    b = frame_op_breakdown(session.frame_graph, {"target_lr": target, **kv}, runs=max(3, opts.iters // 2), threads=opts.threads)
+    cache = session.encode(refs_hr)  # the host arrays, fed to the graph directly: the target padded as the session pads it
+    lh, lw = (side // session.contract.config.scale for side in cache.padded)
+    lr = np.pad(target, ((0, 0), (0, 0), (0, lh - target.shape[2]), (0, lw - target.shape[3])), mode="edge")
+    b = frame_op_breakdown(session.frame_graph, {"target_lr": lr, **cache.kv}, runs=max(3, opts.iters // 2), threads=opts.threads)
     return {"block_size": block, "precision": precision, "refs": refs, "ms_per_frame": b.ms_per_frame, "nodes": b.nodes,
             "layout_share": b.layout_share}
 

@@ -216,7 +216,7 @@ def test_sizes_axis_measures_each_frame_size(tiny_ckpt, tmp_path):
     """`--sizes 64,96x64,100x72`: a row per size (100x72 is off the grid: the session pads it to 128x96), the key/value
     bytes and FLOPs of each size's graphs, and the pixels panel in the plot."""
     res = CliRunner().invoke(app, ["profile", str(tiny_ckpt), "--refs", "2", "--block-sizes", "4", "--runtime", "ort", "--no-naive",
-                                   "--iters", "2", "--sizes", "64,96x64,100x72", "--cache-dir", str(tmp_path),
+                                   "--iters", "2", "--sizes", "64,96x64,100x72", "--ops", "--cache-dir", str(tmp_path),
                                    "--json", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png")])
     assert res.exit_code == 0, res.output
     rows = [r for r in json.loads((tmp_path / "p.json").read_text())["rows"] if r["stage"] == "frame"]
@@ -228,4 +228,4 @@ def test_sizes_axis_measures_each_frame_size(tiny_ckpt, tmp_path):
     # every op's work is proportional to pixels on the grid (convolutions, and attention per block): 1.5x and 3x
     assert 2 * by_size[(96, 64)]["flops"] == 3 * by_size[(64, 64)]["flops"]
     assert by_size[(100, 72)]["flops"] == 3 * by_size[(64, 64)]["flops"]  # run at 128x96
-    assert "100x72" in res.output and "ms/MPx" in res.output
+    assert "100x72" in res.output and "ms/MPx" in res.output and "layout share" in res.output  # --ops at every size
