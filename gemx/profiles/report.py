@@ -57,12 +57,13 @@ def _db(v: float | None) -> str:
 def ops_table(result: ProfileResult, top: int = 6) -> Table:
     """Per-frame kernel time by op type (ORT CPU), with the share spent on layout changes."""
     table = Table(title="ORT CPU per-frame kernel time by op type (ms); layout = Transpose + ORT Reorder nodes")
-    for col in ("block", "precision", "refs", "total", "layout share", *(f"#{i + 1}" for i in range(top))):
+    for col in ("block", "size", "precision", "refs", "total", "layout share", *(f"#{i + 1}" for i in range(top))):
         table.add_column(col, justify="right")
     for row in result.ops:
         ms = row["ms_per_frame"]
         cells = [f"{op} {v:.2f}" for op, v in list(ms.items())[:top]]
-        table.add_row(str(row["block_size"]), row.get("precision", "fp32"), str(row["refs"]), f"{sum(ms.values()):.1f}",
+        table.add_row(str(row["block_size"]), f"{row.get('width', '?')}x{row.get('height', '?')}", row.get("precision", "fp32"),
+                      str(row["refs"]), f"{sum(ms.values()):.1f}",
                       f"{100 * row['layout_share']:.1f}%",
                       *cells, *([""] * (top - len(cells))))
     return table
