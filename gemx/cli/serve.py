@@ -56,17 +56,9 @@ def serve(
     server = TritonServer(repo, grpc_port, http_port, metrics_port, log_path=log)
     with console.status("starting tritonserver"):
         server.start()
-    try:
-        console.print(f"serving [bold]{lit(repo)}[/] on grpc {server.grpc_url} (streams), {server.http_url} (health), "
-                      f"metrics :{server.metrics_port}; Ctrl-C stops it", highlight=False)
-        while server.process.poll() is None:
-            time.sleep(0.5)
-        raise GemxError(f"tritonserver exited with code {server.process.returncode}: {server.log_tail()}")
-    except KeyboardInterrupt:
-        stop_handled()  # Ctrl-C is how a server is meant to stop: not an error
-        console.print("stopping")
-    finally:
-        server.stop()
+    _until_stopped(server, "tritonserver", server.log_tail, lambda: console.print(
+        f"serving [bold]{lit(repo)}[/] on grpc {server.grpc_url} (streams), {server.http_url} (health), "
+        f"metrics :{server.metrics_port}; Ctrl-C stops it", highlight=False))
 
 
 @command
@@ -86,17 +78,25 @@ def balance(
         console.print(nginx_config(opts), markup=False, highlight=False, soft_wrap=True, end="")
         return
     balancer = Balancer(opts).start()
+    _until_stopped(balancer, "nginx", balancer.error_tail, lambda: console.print(
+        f"balancing gRPC streams on {balancer.grpc_url} over {', '.join(replicas)} (at most {max_streams} streams each); "
+        "Ctrl-C stops it", markup=False, highlight=False))
+
+
+def _until_stopped(server, name: str, log_tail, announce) -> None:
+    """Announce a started server (TritonServer, Balancer) and wait in the foreground while it runs: Ctrl-C or SIGTERM
+    stops it, as a server is meant to stop (not an error); its own exit is one line with the end of its log. It is
+    stopped here whatever happens."""
     try:
-        console.print(f"balancing gRPC streams on {balancer.grpc_url} over {', '.join(replicas)} (at most {max_streams} "
-                      "streams each); Ctrl-C stops it", markup=False, highlight=False)
-        while balancer.process.poll() is None:
+        announce()
+        while server.process.poll() is None:
             time.sleep(0.5)
-        raise GemxError(f"nginx exited with code {balancer.process.returncode}: {balancer.error_tail()}")
+        raise GemxError(f"{name} exited with code {server.process.returncode}: {log_tail()}")
     except KeyboardInterrupt:
-        stop_handled()  # Ctrl-C is how a balancer is meant to stop: not an error
+        stop_handled()
         console.print("stopping")
     finally:
-        balancer.stop()
+        server.stop()
 
 
 @command

@@ -124,10 +124,9 @@ def _check_fields(path: Path, payload: dict) -> None:
     if "wall_seconds" in train:
         check("'meta.train.wall_seconds'", train["wall_seconds"], (int, float), "a number")
     state = payload.get("train_state")
-    for name, (types, what) in _TRAIN_STATE.items():
-        if state is not None:
-            check(f"'train_state.{name}'", state.get(name), types, what)
     if state is not None:
+        for name, (types, what) in _TRAIN_STATE.items():
+            check(f"'train_state.{name}'", state.get(name), types, what)
         for name in ("seed", "steps"):
             check(f"'train_state.config.{name}'", state["config"].get(name), (int,), "an integer")
 

@@ -27,6 +27,7 @@ from gemx.model.lr import downsample
 from gemx.profiles.flops import graph_cost
 from gemx.profiles.machine import machine_info
 from gemx.profiles.measure import device_memory_used, peak_rss_delta, release_freed_memory, rss_now, time_calls
+from gemx.runtimes.base import pad_edges
 from gemx.runtimes.registry import RUNTIME_PRECISIONS, open_session, resolve_runtime
 
 
@@ -183,10 +184,8 @@ def _at_size(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _padded(frames: torch.Tensor, contract) -> torch.Tensor:
-    """Frames padded to the grid (edges repeated below and right) as a session pads them: what the naive model runs."""
-    h, w = frames.shape[-2:]
-    gh, gw = contract.on_grid((h, w))
-    return frames if (gh, gw) == (h, w) else torch.nn.functional.pad(frames, (0, gw - w, 0, gh - h), mode="replicate")
+    """Frames padded to the grid as a session pads them: what the naive full model runs at."""
+    return torch.from_numpy(pad_edges(frames.numpy(), contract.on_grid(frames.shape[-2:])))
 
 
 def _fp32_frames(export_path: Path, model, frames: torch.Tensor, target: np.ndarray, refs_list: list[int]) -> dict[int, np.ndarray]:
@@ -209,8 +208,7 @@ def _ops_row(session, block: int, precision: str, refs: int, refs_hr: np.ndarray
     from gemx.profiles.ops import frame_op_breakdown
 
     cache = session.encode(refs_hr)  # the host arrays, fed to the graph directly: the target padded as the session pads it
-    lh, lw = (side // session.contract.config.scale for side in cache.padded)
-    lr = np.pad(target, ((0, 0), (0, 0), (0, lh - target.shape[2]), (0, lw - target.shape[3])), mode="edge")
+    lr = pad_edges(target, tuple(side // session.contract.config.scale for side in cache.padded))
     b = frame_op_breakdown(session.frame_graph, {"target_lr": lr, **cache.kv}, runs=max(3, opts.iters // 2), threads=opts.threads)
     return {"block_size": block, "precision": precision, "refs": refs, "ms_per_frame": b.ms_per_frame, "nodes": b.nodes,
             "layout_share": b.layout_share}

@@ -88,7 +88,7 @@ class Session(ABC):
             raise GemxError(f"references are {size[1]}x{size[0]}: width and height must be multiples of the scale {scale} "
                             f"(crop at most {scale - 1} pixels)")
         padded = self.padded(size, "references")
-        kv = self._encode(_pad_edges(references, padded))
+        kv = self._encode(pad_edges(references, padded))
         self.encoder_runs += 1
         return Cache(kv, r, size, padded, self.contract.kv_bytes(r, padded))
 
@@ -104,7 +104,7 @@ class Session(ABC):
             raise GemxError(f"target_lr is {w}x{h} but its references are {ww}x{hh}: send frames of the references' size over "
                             f"the scale {scale} ({ww // scale}x{hh // scale}), or set references of this frame's size")
         lr_padded = (cache.padded[0] // scale, cache.padded[1] // scale)
-        frame = self._decode(_pad_edges(target_lr, lr_padded), cache.kv)
+        frame = self._decode(pad_edges(target_lr, lr_padded), cache.kv)
         return np.ascontiguousarray(frame[..., :hh, :ww]) if cache.padded != cache.size else frame
 
     def padded(self, size: tuple[int, int], what: str = "references") -> tuple[int, int]:
@@ -165,8 +165,9 @@ class Session(ABC):
         return x
 
 
-def _pad_edges(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """[N, C, H, W] grown to `size` below and right by repeating the last row and column."""
+def pad_edges(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[N, C, H, W] grown to `size` below and right by repeating the last row and column: how frames off the grid are
+    padded (`Session`), and what anything feeding the graphs directly must do the same way."""
     h, w = x.shape[-2:]
     if (h, w) == tuple(size):
         return x

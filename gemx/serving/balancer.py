@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gemx.errors import GemxError, check_positive
-from gemx.serving.server import dies_with, port_free
+from gemx.serving.server import dies_with, port_free, terminate
 
 INSTALL_NGINX = "install it with `apt-get install nginx-light` (Debian, Ubuntu) or your system's nginx package"
 
@@ -166,13 +165,7 @@ class Balancer:
         """SIGTERM to nginx's own process id, its fast shutdown: open streams are reset (their clients reconnect
         elsewhere or say they cannot), where SIGQUIT would keep serving them as long as they last. SIGKILL if it lingers."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process, timeout_s)
         if self._prefix is not None:
             shutil.rmtree(self._prefix, ignore_errors=True)
             self._prefix = None

@@ -82,6 +82,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminate(process: subprocess.Popen | None, timeout_s: float) -> None:
+    """SIGTERM to a server gemx started, by its own process id; SIGKILL if it is still there after `timeout_s`."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -191,13 +203,7 @@ class TritonServer:
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM to the server's own process id (Triton drains and exits), SIGKILL if it does not."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process, timeout_s)
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None

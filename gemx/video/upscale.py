@@ -80,12 +80,13 @@ def upscale(input_path: Path, output: Path, opts: UpscaleOptions, ckpt_path: Pat
         status("reading the high-resolution input")
         if square:
             hr_frames = [square_crop_resize(f, cfg.size) for f in iter_frames(input_path)]
-        else:
-            cropped = (info.height % cfg.scale, info.width % cfg.scale)
+        else:  # to multiples of the scale, cutting at most scale-1 rows and columns (right and bottom)
             hr_frames = [f[: f.shape[0] - f.shape[0] % cfg.scale, : f.shape[1] - f.shape[1] % cfg.scale] for f in iter_frames(input_path)]
         if not hr_frames:
             raise GemxError(f"{input_path} contains no decodable frames")
         out_size = hr_frames[0].shape[:2]
+        if not square:
+            cropped = (info.height - out_size[0], info.width - out_size[1])
         ref_pool, ref_source = hr_frames, f"{input_path.name} (simulated receiver)"
     else:
         if opts.references is None:

@@ -7,12 +7,9 @@ model), a stream at a time; frames are compared with local ONNX Runtime sessions
 
 import contextlib
 import os
-import re
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +24,8 @@ from gemx.serving.client import RemoteStream
 from gemx.serving.repository import TritonOptions, write_repository
 from gemx.serving.server import free_port
 from tests.conftest import frames
+from tests.serving.launchers import ENV, Process, Replica
 
-ENV = {**os.environ, "COLUMNS": "200"}
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 
 
@@ -39,61 +36,6 @@ def nginx_or_skip() -> None:
         if os.environ.get("CI") == "true":  # .ci/run installs it: a CI without it must fail, not skip
             raise
         pytest.skip(str(e))
-
-
-class Process:
-    """A gemx command that serves until stopped: started, waited for until it says it is ready, stopped by pid."""
-
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "gemx", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=ENV)
-        line = self.proc.stdout.readline()
-        if self.proc.poll() is not None or not line:
-            raise AssertionError(f"gemx {args[0]} did not start: {line}{self.proc.stderr.read()}")
-        self.children = [int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
-
-    def kill(self) -> None:
-        """SIGKILL, as a supervisor or the OOM killer would; waits until what it started has gone too."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        deadline = time.monotonic() + 30
-        while any(running(c) for c in self.children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(running(c) for c in self.children), "a server outlived its killed launcher"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.communicate()
-        for child in self.children:  # started by this test, through gemx: never left behind
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
-
-
-def running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-class Replica(Process):
-    def __init__(self, repo: Path):
-        self.grpc, self.metrics = free_port(), free_port()
-        super().__init__("serve", str(repo), "--grpc-port", str(self.grpc), "--http-port", str(free_port()),
-                         "--metrics-port", str(self.metrics))
-        self.url = f"127.0.0.1:{self.grpc}"
-
-    def requests(self) -> int:
-        """Successful requests of the gemx model, from the replica's Prometheus metrics."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        found = re.search(r'^nv_inference_request_success\{model="gemx",version="1"\} (\d+)', text, re.M)
-        return int(found.group(1)) if found else 0
 
 
 @pytest.fixture(scope="module")

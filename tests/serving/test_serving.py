@@ -4,7 +4,6 @@ No mocks: every request goes through gRPC streaming, Triton's sequence batcher a
 outputs are compared with local ONNX Runtime sessions over the same graphs.
 """
 
-import contextlib
 import queue
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from gemx.serving.repository import TritonOptions, read_repository, write_reposi
 from gemx.serving.server import TritonServer, free_port
 from gemx.serving.streams import RESEND
 from tests.conftest import frames, videos_or_skip
+from tests.serving.launchers import Replica
 
 IDLE_S = 3.0
 MAX_REFS = 4
@@ -377,48 +377,22 @@ def test_gemx_serve_runs_until_sigterm_and_leaves_no_server(repo):
     assert children == []  # the tritonserver it started is gone too
 
 
-def running(pid: int) -> bool:
-    """Whether a process exists and has not exited (an exited one waits as a zombie until its new parent reaps it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_launcher_killed_by_sigkill_takes_its_server_with_it(repo):
     """A supervisor or the OOM killer sends SIGKILL, which `gemx serve` cannot handle: its tritonserver (in a process
     group of its own) must still go, and free its ports, or a dead replica keeps serving."""
-    import os
-    import signal
-
     from gemx.serving.server import port_free
 
-    ports = [free_port() for _ in range(3)]
-    proc = subprocess.Popen([sys.executable, "-m", "gemx", "serve", str(repo.path), "--grpc-port", str(ports[0]),
-                             "--http-port", str(ports[1]), "--metrics-port", str(ports[2])], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
-    triton = []
+    replica = Replica(repo.path)
     try:
-        line = proc.stdout.readline()  # printed once the model is ready
-        assert f"127.0.0.1:{ports[0]}" in line, line + proc.stderr.read()
-        triton = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-        assert len(triton) == 1 and "tritonserver" in Path(f"/proc/{triton[0]}/cmdline").read_text()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        assert f"127.0.0.1:{replica.grpc}" in replica.ready_line
+        assert len(replica.children) == 1 and "tritonserver" in Path(f"/proc/{replica.children[0]}/cmdline").read_text()
+        replica.kill()  # and waits, bounded, until the tritonserver has gone too
         deadline = time.monotonic() + 30
-        while running(triton[0]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not running(triton[0]), "tritonserver outlived its killed launcher"
-        while not all(port_free("127.0.0.1", port) for port in ports) and time.monotonic() < deadline:
+        while not all(port_free("127.0.0.1", port) for port in replica.ports) and time.monotonic() < deadline:
             time.sleep(0.2)  # the Python backend's stub, orphaned, notices its server is gone and lets go
-        assert all(port_free("127.0.0.1", port) for port in ports)
+        assert all(port_free("127.0.0.1", port) for port in replica.ports)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in triton:  # started by this test, through gemx serve: never left behind, whatever failed above
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        replica.stop()
 
 
 @pytest.mark.parametrize("args, message", [
