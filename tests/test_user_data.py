@@ -113,6 +113,23 @@ def test_stale_temporaries_of_killed_runs_are_cleaned(tmp_path):
     assert clean_stale(out) == []
 
 
+def test_a_stop_caught_inside_code_run_from_a_string_still_exits_130(tmp_path):
+    """The flaky signal test's cause, made deterministic: SIGTERM landing while exec() runs a string (dataclasses build
+    their methods so; torch defines hundreds at import) must end the command with 130, not with the interpreter
+    killing itself by SIGINT (-2) because CPython took the caught interrupt for an unhandled one. Run with -m, as
+    the `gemx` script runs: `python -c` exits through another path that never looks."""
+    (tmp_path / "spin.py").write_text(
+        "from gemx.cli import main\n"
+        "from gemx.cli._app import command\n\n\n"
+        "@command\n"
+        "def spin():\n"
+        "    exec('import os, signal\\nos.kill(os.getpid(), signal.SIGTERM)\\nfor _ in range(10**8): pass')\n\n\n"
+        "main()\n")
+    proc = subprocess.run([sys.executable, "-m", "spin", "spin"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr.strip() == "error: interrupted; nothing half-written was left behind", (
+        proc.returncode, proc.stderr)
+
+
 def test_sigterm_during_an_export_leaves_nothing_half_written(tiny_ckpt, tmp_path):
     """SIGTERM while the export writes: exit 130, one line, nothing left. An export that finished in the instant
     between seeing its temporary directory and the signal is whole and exits 0 (the signal is ignored once the

@@ -37,4 +37,16 @@ def main() -> None:
     finally:  # the command has ended, its files are whole: a stop while the interpreter exits changes nothing
         for sig in STOPS:
             signal.signal(sig, signal.SIG_IGN)
+        if stop_requested():
+            _forget_caught_interrupt()
+
+
+def _forget_caught_interrupt() -> None:
+    """Let a stopped command exit 130, as it said.
+
+    CPython marks a KeyboardInterrupt raised inside code that exec() runs from a string as unhandled even when it
+    is caught (dataclasses and namedtuple build their methods so, and torch defines many at import), and then ends
+    the interpreter by SIGINT (exit -2) instead of by its exit code. Running a string clears the mark (Python/
+    pythonrun.c, run_eval_code_obj)."""
+    exec("")
 
