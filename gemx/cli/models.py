@@ -112,6 +112,10 @@ def build(
     export_dir: Annotated[Path, typer.Argument(help="directory written by `gemx export`")],
     fp16: Annotated[bool, typer.Option("--fp16", help="FP16 TensorRT engines (needs an NVIDIA GPU and TensorRT)")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="INT8 from the export's QDQ graphs: TensorRT engines, or ORT CPU graphs")] = False,
+    bf16: Annotated[bool, typer.Option("--bf16", help="OpenVINO's bf16 mode of the FP32 graphs (--runtime openvino, on a CPU "
+                                                      "with bf16)")] = False,
+    runtime: Annotated[str | None, typer.Option(help="tensorrt, ort-cpu or openvino (default: TensorRT where it runs, "
+                                                     "else ONNX Runtime's CPU graphs)")] = None,
     refs_min: Annotated[int, typer.Option(help="smallest reference count of the engine profile")] = 1,
     refs_opt: Annotated[int | None, typer.Option(help="reference count TensorRT tunes for (default: 5, at most --refs-max)")] = None,
     refs_max: Annotated[int | None, typer.Option(help="largest reference count (default: the export's max)")] = None,
@@ -122,18 +126,23 @@ def build(
     max_size: Annotated[str | None, typer.Option(help="largest frame an engine takes, WxH (default: the export's)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing build")] = False,
 ):
-    """Build TensorRT engines (GPU) or ORT-optimized CPU graphs, then check their accuracy against FP32 ONNX."""
+    """Build TensorRT engines (GPU), ORT-optimized CPU graphs, or OpenVINO compiled models, then check their accuracy
+    against FP32 ONNX."""
     from gemx.runtimes.build import BuildOptions
     from gemx.runtimes.build import build as run_build
 
     size_list = [_size(t.strip(), "--sizes") for t in sizes.split(",") if t.strip()] if sizes else []
-    opts = BuildOptions(fp16, int8, refs_min, refs_opt, refs_max, timing_cache, force, frames, size_list,
+    opts = BuildOptions(fp16, int8, bf16, runtime, refs_min, refs_opt, refs_max, timing_cache, force, frames, size_list,
                         _size(max_size, "--max-size") if max_size else None)
     with console.status("building") as status:
         result = run_build(export_dir, opts, progress=lambda msg: status.update(msg))
-    if result.target == "ort-cpu":
+    if result.target == "ort-cpu" and runtime is None:
         console.print(f"no NVIDIA GPU/TensorRT here: wrote [bold]ONNX Runtime-optimized {result.record['precision']} graphs "
                       "for the CPU provider[/]")
+    if result.target == "openvino":
+        r = result.record
+        console.print(f"compiled with OpenVINO {r['openvino_version']} for {lit(r['cpu'])} ({' '.join(r['cpu_flags'])}), "
+                      f"{r['precision']}")
     acc = result.accuracy
     console.print(f"wrote [bold]{lit(result.path)}[/]; accuracy vs FP32 ONNX on {acc['frames']} frames of {lit(acc['source'])} "
                   f"at {acc['refs']} refs: PSNR {acc['psnr_db']:.1f} dB, max abs error {acc['max_abs_error']:.2e}")
@@ -141,14 +150,19 @@ def build(
 
 @command
 def runtimes():
-    """List the runtimes, whether each can run here, and what is missing where one cannot."""
-    from gemx.runtimes.registry import FASTEST_FIRST, resolve_runtime, runtime_available
+    """List the runtimes, whether each can run here and in which precisions, and the CPU's instruction sets."""
+    from gemx.runtimes.cpu import cpu_flags, cpu_model
+    from gemx.runtimes.registry import RUNTIMES, precisions_here, runtime_available
 
-    table = Table(title="gemx runtimes (fastest first)")
-    for col in ("runtime", "available", "why not"):
+    console.print(f"CPU: {lit(cpu_model())}; instruction sets: {' '.join(cpu_flags()) or 'none of note'}")
+    table = Table(title="gemx runtimes")
+    for col in ("runtime", "available", "precisions here", "why not"):
         table.add_column(col)
-    for name in FASTEST_FIRST:
+    for name in RUNTIMES:
         ok, why = runtime_available(name)
-        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", lit(why))
+        fast, notes = precisions_here(name)
+        why_not = "; ".join(filter(None, [why, *notes]))
+        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", ", ".join(fast) if ok else "", lit(why_not))
     console.print(table)
-    console.print(f"--runtime auto picks [bold]{resolve_runtime('auto')}[/]")
+    console.print("--runtime auto measures these once per export and machine, and runs the fastest at the precision asked "
+                  "(fp32 unless --precision allows less)")

@@ -16,9 +16,11 @@ def profile(
     source: Annotated[Path | None, typer.Argument(help="checkpoint (.pt) or export directory; default: the shipped checkpoint")] = None,
     refs: Annotated[str, typer.Option(help="reference counts to measure")] = "1,2,5,10",
     block_sizes: Annotated[str | None, typer.Option(help="attention block sizes (default: the checkpoint's and twice it)")] = None,
-    runtime: Annotated[str, typer.Option(help="runtimes: torch, ort, torch-cuda, ort-cuda, ort-tensorrt, tensorrt, auto")] = "torch,ort",
-    precision: Annotated[str, typer.Option(help="precisions to sweep: fp32, int8 (ort, tensorrt), fp16 (GPU runtimes); "
-                                                "each row gets its PSNR vs FP32")] = "fp32",
+    runtime: Annotated[str | None, typer.Option(help="runtimes: torch, ort, openvino, torch-cuda, ort-cuda, ort-tensorrt, "
+                                                     "tensorrt; auto: all this machine has (default: torch, ort, and "
+                                                     "openvino where installed)")] = None,
+    precision: Annotated[str, typer.Option(help="precisions to sweep: fp32, int8 (ort, openvino, tensorrt), bf16 (openvino, "
+                                                "where the CPU has bf16), fp16 (GPU runtimes); each row gets its PSNR vs FP32")] = "fp32",
     fp16: Annotated[bool, typer.Option("--fp16", help="shorthand for --precision fp16")] = False,
     frames: Annotated[Path | None, typer.Option(help="video to take references and targets from; adds PSNR vs its HR frames")] = None,
     calib: Annotated[list[Path] | None, typer.Option(help="INT8 calibration video or folder (repeatable; the shipped "
@@ -41,14 +43,14 @@ def profile(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from gemx.profiles import report
-    from gemx.profiles.sweep import ProfileOptions
+    from gemx.profiles.sweep import ProfileOptions, default_runtimes
     from gemx.profiles.sweep import profile as run_profile
 
     outputs = ((json_out, report.write_json), (csv_out, report.write_csv), (plot_out, report.plot))
     check_outputs([path for path, _ in outputs], force)  # before the sweep, not after it
     report.check_plot_path(plot_out)
     opts = ProfileOptions(_int_list(refs, "--refs"), _int_list(block_sizes, "--block-sizes") if block_sizes else None,
-                          [r.strip() for r in runtime.split(",") if r.strip()],
+                          [r.strip() for r in runtime.split(",") if r.strip()] if runtime is not None else default_runtimes(),
                           ["fp16"] if fp16 else [p.strip() for p in precision.split(",") if p.strip()], warmup, iters, seconds,
                           threads, cache_dir, naive, ops, frames, list(calib or []),
                           [_size(t.strip(), "--sizes") for t in sizes.split(",") if t.strip()] if sizes else None)

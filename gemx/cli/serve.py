@@ -20,8 +20,8 @@ from gemx.fs import stop_handled
 def triton(
     export_dir: Annotated[Path, typer.Argument(help="directory written by `gemx export` (and `gemx build`)")],
     out: Annotated[Path, typer.Option(help="model repository to write")],
-    runtime: Annotated[str, typer.Option(help="session inside the server: ort, ort-cuda, ort-tensorrt or tensorrt")] = "ort",
-    precision: Annotated[str, typer.Option(help="fp32, or fp16 on the GPU runtimes")] = "fp32",
+    runtime: Annotated[str, typer.Option(help="session inside the server: ort, openvino, ort-cuda, ort-tensorrt or tensorrt")] = "ort",
+    precision: Annotated[str, typer.Option(help="fp32; int8 (ort, openvino, tensorrt); bf16 (openvino); fp16 (GPU runtimes)")] = "fp32",
     max_refs: Annotated[int | None, typer.Option(help="most references a stream may send (default: the export's)")] = None,
     max_streams: Annotated[int, typer.Option(help="streams the server holds open at once; more wait for a free slot")] = 16,
     kv_budget_mb: Annotated[float, typer.Option(help="key/value memory of all streams; least recently used go first")] = 1024.0,

@@ -18,8 +18,10 @@ def upscale(
     references: Annotated[Path | None, typer.Option(help="HR reference frames of the same person: images, a folder, or a video")] = None,
     refs: Annotated[int, typer.Option(min=1, help="number of references, chosen to be diverse")] = 5,
     ckpt: Annotated[Path | None, typer.Option(help="checkpoint (default: the shipped one)")] = None,
-    runtime: Annotated[str, typer.Option(help="auto, torch, ort, torch-cuda, ort-cuda, ort-tensorrt or tensorrt")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32, int8 (ort, tensorrt) or fp16 (GPU runtimes)")] = "fp32",
+    runtime: Annotated[str, typer.Option(help="auto (measures the runtimes here once per export and machine, and picks the fastest), "
+                                              "torch, ort, openvino, torch-cuda, ort-cuda, ort-tensorrt or tensorrt")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32; int8 (ort, openvino, tensorrt); bf16 (openvino); fp16 (GPU runtimes). With "
+                                                "--runtime auto, the least precise allowed")] = "fp32",
     calib: Annotated[list[Path] | None, typer.Option(help="INT8 calibration video or folder (repeatable; the shipped "
                                                          "checkpoint needs none)")] = None,
     scale: Annotated[int | None, typer.Option(help="expected scale factor; must match the checkpoint's")] = None,
@@ -59,8 +61,10 @@ def upscale(
     console.print(f"references: frames {result.reference_indices} of {lit(result.reference_source)} (encoded {result.encoder_runs}x)")
     render_geometry(result)
     h, w = result.size
+    if result.choice:
+        console.print(f"--runtime auto chose {lit(result.choice)}")
     console.print(f"wrote [bold]{lit(result.output)}[/]: {result.frames} frames, {w}x{h}, {float(result.fps):.2f} fps, "
-                  f"runtime {result.runtime} {opts.precision}")
+                  f"runtime {result.runtime} {result.precision}")
     if result.metrics:
         for name, m in result.metrics.items():
             console.print(f"  {name:8s} PSNR {m['psnr']:.2f} dB   SSIM {m['ssim_db']:.2f} dB")

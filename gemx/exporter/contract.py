@@ -33,6 +33,14 @@ HEIGHT, WIDTH = "height", "width"  # of the HR frame and references
 LR_HEIGHT, LR_WIDTH = "lr_height", "lr_width"  # of the LR target: the HR size over the scale
 DEFAULT_MAX_SIZE = (1088, 1920)  # (height, width) validated by default: 1080p on a 64-pixel grid
 PRECISIONS = ("fp32", "fp16", "int8")  # int8: QDQ graphs with float frames in and out, an int8 reference cache
+# Precisions a runtime computes in from another precision's graphs: bf16 is OpenVINO's mode for the FP32 graphs on a CPU
+# that multiplies bf16 (frames and caches stay float32 at the graphs' edges).
+COMPUTE_PRECISIONS = {"bf16": "fp32"}
+
+
+def graph_precision(precision: str) -> str:
+    """Which of an export's graphs a session of `precision` runs."""
+    return COMPUTE_PRECISIONS.get(precision, precision)
 INT8_KEY_MIN_CHANNELS = 64  # keys of fewer channels stay float32 in the INT8 contract (see the layout above)
 MAX_REFS = 64  # the most references an export validates (the paper measures up to 10)
 

@@ -22,10 +22,11 @@ VERSION = 1
 GRAPHS_REVISION = 8
 MANIFEST = "manifest.json"
 # What runtimes write into an export after it was made (ONNX Runtime's TensorRT engine cache, TensorRT's timing
-# cache): gemx's too, so `gemx export --force` may replace them with the rest.
+# cache, `--runtime auto`'s measured choices): gemx's too, so `gemx export --force` may replace them with the rest.
 TRT_EP_CACHE = "ort_trt_cache"
 TIMING_CACHE = "timing.cache"
-WRITTEN_LATER = (TRT_EP_CACHE, TIMING_CACHE)
+AUTO_RECORD = "auto.json"
+WRITTEN_LATER = (TRT_EP_CACHE, TIMING_CACHE, AUTO_RECORD)
 
 
 def sha256(path: Path) -> str:

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from gemx.runtimes.cpu import cpu_flags, cpu_model
 
 
 def machine_info(threads: int | None = None) -> dict:
@@ -27,6 +18,7 @@ def machine_info(threads: int | None = None) -> dict:
     gpu, gpu_why = detect_gpu()
     return {
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "threads": threads or torch.get_num_threads(),
         "gpu": None if gpu is None else {"name": gpu.name, "compute_capability": gpu.compute_capability},

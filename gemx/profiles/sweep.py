@@ -17,6 +17,7 @@ import torch
 
 from gemx.errors import GemxError, check_positive
 from gemx.exporter.cache import cached_export
+from gemx.exporter.contract import COMPUTE_PRECISIONS, graph_precision
 from gemx.exporter.contract import PRECISIONS as GRAPH_PRECISIONS
 from gemx.exporter.export import with_block_size
 from gemx.exporter.manifest import read_export_dir
@@ -28,15 +29,15 @@ from gemx.profiles.flops import graph_cost
 from gemx.profiles.machine import machine_info
 from gemx.profiles.measure import device_memory_used, peak_rss_delta, release_freed_memory, rss_now, time_calls
 from gemx.runtimes.base import pad_edges
-from gemx.runtimes.registry import RUNTIME_PRECISIONS, open_session, resolve_runtime
+from gemx.runtimes.registry import RUNTIME_PRECISIONS, available_runtimes, open_session, resolve_runtime
 
 
 @dataclass
 class ProfileOptions:
     refs: list[int] = field(default_factory=lambda: [1, 2, 5, 10])
     block_sizes: list[int] | None = None  # default: the checkpoint's and twice it
-    runtimes: list[str] = field(default_factory=lambda: ["torch", "ort"])
-    precisions: list[str] = field(default_factory=lambda: ["fp32"])  # a sweep axis: fp32, int8, fp16 (GPU runtimes)
+    runtimes: list[str] = field(default_factory=lambda: default_runtimes())
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])  # a sweep axis: fp32, bf16 (openvino), int8, fp16 (GPU)
     warmup: int = 3
     iters: int = 20
     seconds: float | None = None
@@ -55,9 +56,10 @@ class ProfileOptions:
         for name, values in (("refs", self.refs), ("block_sizes", self.block_sizes or [])):
             for value in values:
                 check_positive(**{name: value})
-        unknown = [p for p in self.precisions if p not in GRAPH_PRECISIONS]
+        known = (*GRAPH_PRECISIONS, *COMPUTE_PRECISIONS)
+        unknown = [p for p in self.precisions if p not in known]
         if unknown or not self.precisions:
-            raise GemxError(f"--precision takes {', '.join(GRAPH_PRECISIONS)}, got {', '.join(self.precisions) or 'nothing'}")
+            raise GemxError(f"--precision takes {', '.join(known)}, got {', '.join(self.precisions) or 'nothing'}")
         if self.warmup < 0 or (self.seconds is not None and not self.seconds > 0):
             raise GemxError(f"--warmup must be 0 or more and --seconds positive, got {self.warmup} and {self.seconds}")
 
@@ -99,17 +101,31 @@ class ProfileResult:
                 "rows": [asdict(r) for r in self.rows], "ops": self.ops}
 
 
+def default_runtimes() -> list[str]:
+    """torch and ONNX Runtime, and OpenVINO where it is installed."""
+    from gemx.runtimes.registry import runtime_available
+
+    return ["torch", "ort"] + (["openvino"] if runtime_available("openvino")[0] else [])
+
+
+def _runs_here(runtime: str, precision: str) -> bool:
+    from gemx.runtimes.cpu import bf16_native
+
+    return precision in RUNTIME_PRECISIONS[runtime] and (precision != "bf16" or bf16_native()[0])
+
+
 def default_block_sizes(block: int, level: int) -> list[int]:
     return [block] + ([block * 2] if level % (block * 2) == 0 else [])
 
 
 def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, advance=0: None,
             on_total=lambda total: None) -> ProfileResult:
-    runtimes = [resolve_runtime(r) for r in opts.runtimes]
-    combos = [(rt, p) for rt in runtimes for p in opts.precisions if p in RUNTIME_PRECISIONS[rt]]
+    runtimes = list(dict.fromkeys(r for name in opts.runtimes  # auto: every runtime this machine has
+                                  for r in (available_runtimes() if name == "auto" else [resolve_runtime(name)])))
+    combos = [(rt, p) for rt in runtimes for p in opts.precisions if _runs_here(rt, p)]
     if not combos:  # before any export
         asked = ", ".join(f"{p} ({'/'.join(r for r in RUNTIME_PRECISIONS if p in RUNTIME_PRECISIONS[r])})" for p in opts.precisions)
-        raise GemxError(f"none of --runtime {', '.join(runtimes)} runs --precision {asked}")
+        raise GemxError(f"none of --runtime {', '.join(runtimes)} runs --precision {asked} on this machine")
     exports, model = _exports_for(source, opts, progress)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -136,7 +152,7 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
                 costs = {refs: {g: graph_cost(export_dir.graph_path(g), refs, dims) for g in ("reference_encoder", "frame")}
                          for refs in opts.refs}  # per graph and reference count, the same for every runtime
                 for runtime, prec in combos:
-                    on_cpu = runtime in ("torch", "ort")
+                    on_cpu = runtime in ("torch", "ort", "openvino")
                     mem_kind = "rss over pre-session, own process" if on_cpu else "device over pre-session"
                     if on_cpu:  # in a fresh interpreter: here, memory an earlier session freed would be reused unseen
                         progress(f"{where} {runtime} {prec} memory")
@@ -307,7 +323,8 @@ def _exports_for(source: Path | None, opts: ProfileOptions, progress) -> tuple[d
     exports = {}
     for block in opts.block_sizes or default_block_sizes(cfg.block_size, cfg.level_sizes[-1]):
         with_block_size(ckpt.model, block)  # a block size that does not fit fails here, before any export
-        exports[block], fresh = cached_export(ckpt, block, max(opts.refs), opts.precisions, opts.calib, opts.cache_dir, progress)
+        graphs = list(dict.fromkeys(graph_precision(p) for p in opts.precisions))
+        exports[block], fresh = cached_export(ckpt, block, max(opts.refs), graphs, opts.calib, opts.cache_dir, progress)
         if fresh:
             _build_for_machine(exports[block], opts, progress)
     return exports, ckpt.model
@@ -321,7 +338,7 @@ def _build_for_machine(out: Path, opts: ProfileOptions, progress) -> None:
     has_trt = runtime_available("tensorrt")[0]
     if has_trt and "tensorrt" not in opts.runtimes:
         return
-    for precision in dict.fromkeys(["fp32", *opts.precisions]):
+    for precision in dict.fromkeys(["fp32", *map(graph_precision, opts.precisions)]):
         if precision == "fp16" and not has_trt:
             continue  # the CPU build has no FP16
         progress(f"building {precision}")

@@ -45,9 +45,11 @@ class Session(ABC):
     frame border the model never saw in training; a reflection doubles features back into the attention)."""
 
     name: str = "session"
+    choice = None  # opened by `--runtime auto`: what was measured, and why this runtime and precision (gemx.runtimes.auto)
 
     def __init__(self, contract: Contract, max_refs: int | None, max_size: tuple[int, int] | None = None):
         self.contract = contract
+        self.precision = contract.precision  # what it computes in (an OpenVINO bf16 session runs the fp32 contract)
         self.max_refs = max_refs
         self.max_size = tuple(max_size) if max_size else None  # the largest size the graphs were validated at
         self.encoder_runs = 0  # how often references were encoded: caching means once per set

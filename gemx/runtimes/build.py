@@ -32,6 +32,13 @@ def ort_cpu_dir(precision: str) -> str:
     return "ort_cpu" if precision == "fp32" else f"ort_cpu_{precision}"
 
 
+def openvino_dir(precision: str) -> str:
+    return f"openvino_{precision}"
+
+
+TARGETS = ("tensorrt", "ort-cpu", "openvino")  # --runtime: default tensorrt on a GPU with TensorRT, else ort-cpu
+
+
 DEFAULT_REFS_OPT = 5
 
 
@@ -39,6 +46,8 @@ DEFAULT_REFS_OPT = 5
 class BuildOptions:
     fp16: bool = False
     int8: bool = False
+    bf16: bool = False  # OpenVINO's bf16 mode of the FP32 graphs (--runtime openvino)
+    runtime: str | None = None  # one of TARGETS; default: TensorRT where it runs, else ONNX Runtime's CPU graphs
     refs_min: int = 1
     refs_opt: int | None = None  # default: 5, or the largest count the build runs when that is fewer
     refs_max: int | None = None  # default: the export's max
@@ -50,12 +59,16 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         check_positive(refs_min=self.refs_min, refs_opt=self.refs_opt, refs_max=self.refs_max)
-        if self.fp16 and self.int8:
-            raise GemxError("a build has one precision: pass --fp16 or --int8, not both")
+        if self.fp16 + self.int8 + self.bf16 > 1:
+            raise GemxError("a build has one precision: pass one of --fp16, --bf16, --int8")
+        if self.runtime is not None and self.runtime not in TARGETS:
+            raise GemxError(f"gemx build --runtime takes {', '.join(TARGETS)}, got {self.runtime!r}")
+        if self.bf16 and self.runtime != "openvino":
+            raise GemxError("--bf16 is OpenVINO's mode: pass --runtime openvino with it")
 
     @property
     def precision(self) -> str:
-        return "fp16" if self.fp16 else "int8" if self.int8 else "fp32"
+        return "fp16" if self.fp16 else "int8" if self.int8 else "bf16" if self.bf16 else "fp32"
 
 
 @dataclass
@@ -78,8 +91,14 @@ def build(export_path: Path, opts: BuildOptions, progress=lambda msg: None) -> B
                         f"re-export with --max-refs {refs_max}")
     if opts.int8 and "int8" not in export.precisions:
         raise GemxError(f"{export.path} has no INT8 graphs; re-export with `gemx export --int8 --force` first")
+    if opts.runtime == "openvino":
+        return build_openvino(export, opts, progress)
+    if opts.runtime == "ort-cpu":
+        return build_ort_cpu(export, opts, progress)
     gpu, gpu_why = detect_gpu()
     trt, trt_why = tensorrt_version()
+    if opts.runtime == "tensorrt" and (gpu is None or trt is None):
+        raise GemxError(f"TensorRT engines need an NVIDIA GPU and TensorRT: {gpu_why or trt_why} (pip install 'gemx[gpu]')")
     if gpu is not None and trt is not None:
         return build_tensorrt(export, opts, refs_max, progress)
     if opts.fp16:
@@ -134,6 +153,41 @@ def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResul
 
     optimized = OrtSession(export, precision=precision, graphs={g: out / f for g, f in graphs.items()})
     result.accuracy = accuracy_gate(export, optimized, opts.refs_opt, opts.frames)
+    _update_record(out, record, result.accuracy)
+    return result
+
+
+def build_openvino(export: ExportDir, opts: BuildOptions, progress) -> BuildResult:
+    """Compile both graphs for this CPU once and keep the compiled models, so a later session imports them instead of
+    compiling; the record names the OpenVINO version and the CPU and ISA flags they were compiled for."""
+    from gemx.runtimes.cpu import cpu_flags, cpu_model
+    from gemx.runtimes.openvino_session import OpenVinoSession, export_compiled, openvino_version
+
+    precision = opts.precision
+    if opts.fp16:
+        raise GemxError("OpenVINO on the CPU builds fp32, bf16 or int8; FP16 engines are TensorRT's (on a GPU)")
+    version, why = openvino_version()
+    if version is None:
+        raise GemxError(f"{why}; install it with: pip install openvino")
+    if precision == "int8" and "int8" not in export.precisions:
+        raise GemxError(f"{export.path} has no INT8 graphs; re-export with `gemx export --int8 --force` first")
+    out = export.path / openvino_dir(precision)
+    _claim(out, opts.force)
+    with atomic_dir(out, replaceable=lambda p: opts.force and is_build(p)) as tmp:
+        progress(f"compiling both graphs ({precision}) with OpenVINO {version} for this CPU")
+        graphs = export_compiled(export, precision, tmp)
+        source = "int8" if precision == "int8" else "fp32"
+        record = {
+            "target": "openvino", "openvino_version": version, "precision": precision,
+            "cpu": cpu_model(), "cpu_flags": cpu_flags(), "graphs": graphs,
+            "onnx_sha256": {g: sha256(export.graph_path(g, source)) for g in graphs}, "graph_precision": source,
+        }
+        write_record(tmp, record)
+    result = BuildResult("openvino", out, record)
+    progress("accuracy gate")
+    compiled = {g: (out / f).read_bytes() for g, f in graphs.items()}
+    with OpenVinoSession(export, precision, compiled=compiled) as session:
+        result.accuracy = accuracy_gate(export, session, opts.refs_opt, opts.frames)
     _update_record(out, record, result.accuracy)
     return result
 

@@ -28,7 +28,7 @@ def write_record(path: Path, record: dict) -> None:
 
 
 def is_build(path: Path) -> bool:
-    return json_field(Path(path) / RECORD, "target") in ("ort-cpu", "tensorrt")
+    return json_field(Path(path) / RECORD, "target") in ("ort-cpu", "tensorrt", "openvino")
 
 
 def read_record(path: Path, export: ExportDir) -> dict:
@@ -78,3 +78,25 @@ def check_engine_record(record: dict, export: ExportDir) -> None:
         want = export.manifest["precisions"][record["contract_precision"]]["graphs"][graph]["sha256"]
         if sha != want:
             raise GemxError(f"engine for {graph} was built from another export of the model; {rebuild} --force")
+
+
+def check_openvino_record(record: dict, export: ExportDir) -> None:
+    """Refuse compiled models that were built from other graphs, by another OpenVINO, or for another CPU: OpenVINO
+    would import a blob compiled for instructions this CPU lacks, and fail or run slowly. (The thread count is set
+    again at import.)"""
+    from gemx.runtimes.cpu import cpu_flags, cpu_model
+    from gemx.runtimes.openvino_session import openvino_version
+
+    flag = "" if record["precision"] == "fp32" else f" --{record['precision']}"
+    rebuild = f"rebuild with `gemx build {export.path} --runtime openvino{flag} --force`"
+    version, why = openvino_version()
+    if version is None:
+        raise GemxError(f"{why}; the openvino runtime needs it: pip install openvino")
+    if record["openvino_version"] != version:
+        raise GemxError(f"the OpenVINO build was compiled by OpenVINO {record['openvino_version']}, this is {version}; {rebuild}")
+    if (record["cpu"], record["cpu_flags"]) != (cpu_model(), cpu_flags()):
+        raise GemxError(f"the OpenVINO build was compiled for {record['cpu']} ({' '.join(record['cpu_flags'])}), this CPU is "
+                        f"{cpu_model()} ({' '.join(cpu_flags())}); {rebuild}")
+    for graph, sha in record["onnx_sha256"].items():
+        if sha != export.manifest["precisions"][record["graph_precision"]]["graphs"][graph]["sha256"]:
+            raise GemxError(f"the OpenVINO build of {graph} was compiled from another export of the model; {rebuild}")

@@ -1,18 +1,20 @@
-"""Open a session by runtime name; `auto` picks the fastest backend this machine has."""
+"""Open a session by runtime name; `auto` measures which runtime and precision is fastest here (gemx.runtimes.auto)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from gemx.errors import GemxError
+from gemx.exporter.contract import graph_precision
 from gemx.runtimes.base import Session
 
-RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda", "ort-tensorrt", "tensorrt")
-FASTEST_FIRST = ("tensorrt", "ort-tensorrt", "ort-cuda", "torch-cuda", "ort", "torch")
-# What each runtime computes in: ORT's CPU provider upcasts FP16 graphs (so no fp16 there) and runs
-# INT8 QDQ graphs with its int8 kernels; TensorRT builds INT8 engines from the same QDQ graphs.
-RUNTIME_PRECISIONS = {"torch": ("fp32",), "ort": ("fp32", "int8"), "torch-cuda": ("fp32", "fp16"),
-                      "ort-cuda": ("fp32", "fp16"), "ort-tensorrt": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16", "int8")}
+RUNTIMES = ("torch", "ort", "openvino", "torch-cuda", "ort-cuda", "ort-tensorrt", "tensorrt")
+# What each runtime computes in: ORT's CPU provider upcasts FP16 graphs (so no fp16 there) and runs INT8 QDQ graphs
+# with its int8 kernels; OpenVINO runs the FP32 graphs in f32 or bf16 and the QDQ graphs as they are; TensorRT builds
+# INT8 engines from the same QDQ graphs.
+RUNTIME_PRECISIONS = {"torch": ("fp32",), "ort": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8"),
+                      "torch-cuda": ("fp32", "fp16"), "ort-cuda": ("fp32", "fp16"), "ort-tensorrt": ("fp32", "fp16"),
+                      "tensorrt": ("fp32", "fp16", "int8")}
 
 
 def check_precision(runtime: str, precision: str) -> None:
@@ -27,6 +29,11 @@ def runtime_available(runtime: str) -> tuple[bool, str]:
 
     if runtime in ("torch", "ort"):
         return True, ""
+    if runtime == "openvino":
+        from gemx.runtimes.openvino_session import openvino_version
+
+        version, why = openvino_version()
+        return version is not None, why
     if runtime == "torch-cuda":
         from gemx.runtimes.torch_cuda_session import cuda_available
 
@@ -44,9 +51,29 @@ def runtime_available(runtime: str) -> tuple[bool, str]:
     return ok, "" if ok else f"onnxruntime has no {provider} (pip install 'gemx[gpu]')"
 
 
+def precisions_here(runtime: str) -> tuple[list[str], list[str]]:
+    """(the precisions `runtime` runs fast on this machine, notes on those it does not)."""
+    from gemx.runtimes.cpu import bf16_native, cpu_flags
+
+    fast, notes = [], []
+    for precision in RUNTIME_PRECISIONS[runtime]:
+        if precision == "bf16" and not bf16_native()[0]:
+            notes.append("bf16: no bf16 instructions on this CPU")
+            continue
+        fast.append(precision)
+        if precision == "int8" and runtime in ("ort", "openvino") and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags()):
+            notes.append("int8: no VNNI/AMX here, so int8 gains less")
+    return fast, notes
+
+
+def available_runtimes() -> list[str]:
+    return [r for r in RUNTIMES if runtime_available(r)[0]]
+
+
 def resolve_runtime(runtime: str) -> str:
+    """A runtime name checked against this machine; `auto` stays `auto` (it is measured when a session opens)."""
     if runtime == "auto":
-        return next(r for r in FASTEST_FIRST if runtime_available(r)[0])
+        return runtime
     if runtime not in RUNTIMES:
         raise GemxError(f"unknown runtime {runtime!r}; choose auto or one of {', '.join(RUNTIMES)}")
     ok, why = runtime_available(runtime)
@@ -57,10 +84,20 @@ def resolve_runtime(runtime: str) -> str:
 
 def open_session(runtime: str, export_path: Path, precision: str = "fp32", threads: int | None = None,
                  model=None) -> Session:
-    """A session over an export directory. The torch runtime runs the export's own checkpoint, or `model`."""
+    """A session over an export directory. The torch runtime runs the export's own checkpoint, or `model`.
+
+    `auto` measures the runtimes and precisions this machine has at least as precise as `precision` (once per export
+    and machine; the choice is recorded in the export) and opens the fastest; the session's `choice` says why."""
     from gemx.exporter.manifest import read_export_dir
 
     runtime = resolve_runtime(runtime)
+    if runtime == "auto":
+        from gemx.runtimes.auto import choose
+
+        choice = choose(Path(export_path), precision, threads, model)
+        session = open_session(choice.runtime, export_path, choice.precision, threads, model)
+        session.choice = choice
+        return session
     if not (runtime == "ort" and precision == "fp16"):  # ORT CPU runs FP16 graphs upcast: their numerics, not a speed
         check_precision(runtime, precision)
     export = read_export_dir(export_path)
@@ -84,6 +121,10 @@ def open_session(runtime: str, export_path: Path, precision: str = "fp32", threa
         from gemx.runtimes.trt_session import TensorRTSession
 
         return TensorRTSession(export, precision)
+    if runtime == "openvino":
+        from gemx.runtimes.openvino_session import OpenVinoSession
+
+        return OpenVinoSession(export, precision, threads, compiled=_openvino_build(export, precision))
     from gemx.runtimes.ort_session import OrtSession
 
     provider = {"ort": "cpu", "ort-cuda": "cuda", "ort-tensorrt": "tensorrt"}[runtime]
@@ -120,6 +161,20 @@ def _ort_cpu_build(export, precision: str) -> dict[str, Path] | None:
     return {g: path / f for g, f in record["graphs"].items()}
 
 
+def _openvino_build(export, precision: str) -> dict[str, bytes] | None:
+    """The compiled models of `gemx build --runtime openvino`, when there is a build of this precision: verified (sha256)
+    and refused in one line when built from other graphs, by another OpenVINO or for another CPU."""
+    from gemx.runtimes.build import openvino_dir
+    from gemx.runtimes.build_record import RECORD, check_openvino_record, read_record
+
+    path = export.path / openvino_dir(precision)
+    if not (path / RECORD).exists():
+        return None
+    record = read_record(path, export)
+    check_openvino_record(record, export)
+    return {g: (path / f).read_bytes() for g, f in record["graphs"].items()}
+
+
 def deployed_models(checkpoints: list, runtime: str, precisions: list[str], progress=lambda msg: None) -> dict:
     """{"NAME RUNTIME PRECISION": model-like} for each checkpoint's exported graphs (exports cached per checkpoint),
     for code written against the PyTorch model's split interface. SISR baselines stay PyTorch models."""
@@ -128,13 +183,15 @@ def deployed_models(checkpoints: list, runtime: str, precisions: list[str], prog
 
     runtime = resolve_runtime(runtime)
     for p in precisions:
-        check_precision(runtime, p)
+        if runtime != "auto":
+            check_precision(runtime, p)
+    graphs = sorted({graph_precision(p) for p in precisions})
     models = {}
     for ckpt in checkpoints:
         if ckpt.config.arch == "sisr":
             models[ckpt.path.stem] = ckpt.model
             continue
-        path, _ = cached_export(ckpt, ckpt.config.block_size, 10, precisions, progress=progress)
+        path, _ = cached_export(ckpt, ckpt.config.block_size, 10, graphs, progress=progress)
         for p in precisions:
             models[f"{ckpt.path.stem} {runtime} {p}"] = SessionModel(open_session(runtime, path, p, model=ckpt.model), ckpt.config)
     return models

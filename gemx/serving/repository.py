@@ -22,16 +22,17 @@ from pathlib import Path
 
 import gemx
 from gemx.errors import GemxError, check_positive
-from gemx.exporter.contract import Contract, TensorSpec
+from gemx.exporter.contract import Contract, TensorSpec, graph_precision
 from gemx.exporter.manifest import MANIFEST, WRITTEN_LATER, ExportDir, read_export_dir, sha256
 from gemx.fs import atomic_dir, check_target, json_field
+from gemx.runtimes.cpu import bf16_native
 from gemx.runtimes.registry import check_precision
 
 MODEL_NAME = "gemx"
 FORMAT = "gemx-triton"
 VERSION = 1
 SERVING_MANIFEST = "serving.json"
-RUNTIMES = ("ort", "ort-cuda", "ort-tensorrt", "tensorrt")
+RUNTIMES = ("ort", "openvino", "ort-cuda", "ort-tensorrt", "tensorrt")
 # Responses carry the server's cache size with every frame, so a client (the load test) can watch it.
 KV_BYTES_OUTPUT, STREAMS_OUTPUT = "kv_cache_bytes", "streams_open"
 MODEL_PY = '''"""Triton Python backend entry point: gemx's stream model (gemx must be installed in the server's environment)."""
@@ -156,7 +157,7 @@ def model_config(contract: Contract, opts: TritonOptions, max_refs: int):
         name="CORRID", control=[kinds(kind=kinds.CONTROL_SEQUENCE_CORRID, data_type=mc.TYPE_UINT64)]))
     seq.oldest.max_candidate_sequences = opts.max_streams
     seq.oldest.max_queue_delay_microseconds = 0
-    gpu = opts.runtime != "ort"
+    gpu = opts.runtime not in ("ort", "openvino")
     cfg.instance_group.append(mc.ModelInstanceGroup(count=opts.instances,
                                                     kind=mc.ModelInstanceGroup.KIND_MODEL if gpu else mc.ModelInstanceGroup.KIND_CPU))
     params = {"runtime": opts.runtime, "precision": opts.precision, "max_refs": str(max_refs),
@@ -188,9 +189,12 @@ def _model_config_pb2():
 def _check_options(export: ExportDir, opts: TritonOptions) -> None:
     if opts.runtime not in RUNTIMES:
         raise GemxError(f"unknown serving runtime {opts.runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    if opts.precision not in export.precisions:
-        raise GemxError(f"{export.path} has no {opts.precision} graphs; re-export with `gemx export --{opts.precision}`")
     check_precision(opts.runtime, opts.precision)
+    if graph_precision(opts.precision) not in export.precisions:
+        raise GemxError(f"{export.path} has no {graph_precision(opts.precision)} graphs; "
+                        f"re-export with `gemx export --{graph_precision(opts.precision)}`")
+    if opts.precision == "bf16" and not bf16_native()[0]:
+        raise GemxError(bf16_native()[1])
     if opts.max_refs is not None and not 1 <= opts.max_refs <= export.max_refs:
         raise GemxError(f"--max-refs must be between 1 and the export's {export.max_refs}, got {opts.max_refs}")
     check_positive(max_streams=opts.max_streams, instances=opts.instances, threads=opts.threads)

@@ -62,6 +62,8 @@ class UpscaleResult:
     encoder_runs: int
     metrics: dict = field(default_factory=dict)  # with --simulate: {"gemx": {...}, "bicubic": {...}}
     cropped: tuple[int, int] = (0, 0)  # rows and columns cut from the input to reach multiples of the scale
+    precision: str = "fp32"  # what the session computed in
+    choice: str | None = None  # with --runtime auto: what it measured and why it chose this runtime and precision
 
 
 def upscale(input_path: Path, output: Path, opts: UpscaleOptions, ckpt_path: Path | None = None,
@@ -127,7 +129,8 @@ def upscale(input_path: Path, output: Path, opts: UpscaleOptions, ckpt_path: Pat
         raise GemxError(f"{input_path} contains no decodable frames")
     metrics = {k: {m: float(np.mean(v)) for m, v in s.items()} for k, s in scores.items()} if opts.simulate else {}
     return UpscaleResult(output, count, info.fps, tuple(out_size), session.name, indices, ref_source, session.encoder_runs,
-                         metrics, cropped)
+                         metrics, cropped, getattr(session, "precision", opts.precision),
+                         str(session.choice) if getattr(session, "choice", None) else None)
 
 
 def _score(scores: dict, original: np.ndarray, result: np.ndarray, bicubic: np.ndarray) -> None:
@@ -141,15 +144,20 @@ def _score(scores: dict, original: np.ndarray, result: np.ndarray, bicubic: np.n
 
 def _open(ckpt, opts: UpscaleOptions, refs: int, status):
     from gemx.exporter.cache import cached_export
+    from gemx.exporter.contract import graph_precision
     from gemx.runtimes.registry import check_precision, open_session, resolve_runtime
 
     runtime = resolve_runtime(opts.runtime)
-    check_precision(runtime, opts.precision)
+    if runtime != "auto":
+        check_precision(runtime, opts.precision)
     if runtime == "torch":
         from gemx.runtimes.torch_session import TorchSession
 
         return TorchSession(ckpt.model)
-    path, _ = cached_export(ckpt, ckpt.config.block_size, max(refs, 10), ["fp32", opts.precision], opts.calib, progress=status)
+    graphs = list(dict.fromkeys(["fp32", graph_precision(opts.precision)]))
+    path, _ = cached_export(ckpt, ckpt.config.block_size, max(refs, 10), graphs, opts.calib, progress=status)
+    if runtime == "auto":
+        status("measuring the runtimes here (once per export and machine)")
     return open_session(runtime, path, opts.precision, threads=opts.threads, model=ckpt.model)
 
 

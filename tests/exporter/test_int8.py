@@ -18,7 +18,8 @@ from gemx.exporter.quantize import RANGES_FILE, load_ranges, shipped_ranges_path
 from gemx.exporter.validate import INT8_PSNR_GOAL, psnr_db
 from gemx.runtimes.build import BuildOptions, build
 from gemx.runtimes.ort_int8 import prepare_for_ort_cpu
-from gemx.runtimes.registry import open_session
+from gemx.runtimes.cpu import bf16_native
+from gemx.runtimes.registry import open_session, runtime_available
 from tests.conftest import frames, videos_or_skip
 
 CALIB = "retalk5_woman_glasses.mp4"
@@ -327,7 +328,8 @@ def test_build_int8_needs_int8_graphs(tiny_export):
 
 def test_shipped_checkpoint_int8_needs_no_video_and_keeps_test_split_quality(tmp_path, monkeypatch):
     """`gemx export --int8` of the shipped checkpoint on a fresh install (no video named), then the issue's bar:
-    video-mean PSNR on the test split at 1 and 5 references within 0.1 dB of FP32 (ORT CPU, every 6th frame)."""
+    video-mean PSNR on the test split at 1 and 5 references within 0.1 dB of FP32 (ORT CPU, every 6th frame), for ORT's
+    int8, OpenVINO's int8 of the same graphs, and OpenVINO's bf16 where the CPU has it."""
     from gemx.model import load_checkpoint
     from gemx.runtimes.base import SessionModel
     from gemx.train.data import split_videos
@@ -346,11 +348,17 @@ def test_shipped_checkpoint_int8_needs_no_video_and_keeps_test_split_quality(tmp
     assert residual.op_type == "Add" and [producer[i].op_type for i in residual.input] == ["DepthToSpace"] * 2
     _, test_videos = split_videos(videos_or_skip())
     config = load_checkpoint().config
-    models = {p: SessionModel(open_session("ort", export_dir.path, p), config) for p in ("fp32", "int8")}
+    runs = [("ort", "fp32"), ("ort", "int8"), ("openvino", "int8")]  # OpenVINO runs the TensorRT-form QDQ graphs as they are
+    if runtime_available("openvino")[0] and bf16_native()[0]:
+        runs.append(("openvino", "bf16"))
+    models = {f"{r} {p}": SessionModel(open_session(r, export_dir.path, p), config) for r, p in runs
+              if r == "ort" or runtime_available(r)[0]}
     rows = {r.name: r.video_mean_psnr for r in evaluate(models, test_videos, config.size, config.scale, stride=6)}
     for refs in ("1 ref", "5 refs"):
-        fp32, int8 = rows[f"fp32 {refs}"], rows[f"int8 {refs}"]
-        assert rows["bicubic"] + 1 < fp32 and abs(int8 - fp32) < 0.1, (refs, fp32, int8)
+        fp32 = rows[f"ort fp32 {refs}"]
+        assert rows["bicubic"] + 1 < fp32, (refs, fp32)
+        for name in models:
+            assert abs(rows[f"{name} {refs}"] - fp32) < 0.1, (name, refs, fp32, rows[f"{name} {refs}"])
 
 
 def _assert_int8_logits_where_keys_are_int8(export_dir):
