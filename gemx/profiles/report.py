@@ -11,6 +11,7 @@ from rich.table import Table
 
 from gemx.errors import GemxError
 from gemx.fs import atomic_write
+from gemx.profiles.machine import GEMM_SIDE
 from gemx.profiles.sweep import EXACT_DB, ProfileResult, ProfileRow
 
 
@@ -25,7 +26,8 @@ def table(result: ProfileResult) -> Table:
     for col, justify in (("block", "right"), ("size", "right"), ("runtime", "left"), ("refs", "right"), ("frame p50", "right"),
                          ("p90", "right"), ("fps", "right"), ("ms/MPx", "right"), ("encode refs", "right"),
                          ("naive p50", "right"), ("vs naive", "right"), ("KV cache MB", "right"), ("peak MB", "right"),
-                         ("frame GFLOPs", "right"), ("PSNR vs FP32", "right"), ("PSNR vs truth", "right")):
+                         ("frame GFLOPs", "right"), ("GMAC/s (% of GEMM)", "right"), ("PSNR vs FP32", "right"),
+                         ("PSNR vs truth", "right")):
         t.add_column(col, justify=justify)
     by_key: dict[tuple, dict[str, ProfileRow]] = {}
     for r in result.rows:
@@ -43,9 +45,22 @@ def table(result: ProfileResult) -> Table:
         t.add_row(f"{block}x{block}", f"{w}x{h}", f"{runtime} {f.precision}", str(refs), f"{f.p50_ms:.2f}",
                   f"{f.p90_ms:.2f}", f"{f.fps:.1f}", f"{f.p50_ms / (h * w / 1e6):.1f}" if h else "-",
                   f"{e.p50_ms:.1f}" if e else "-", f"{n.p50_ms:.1f}" if n else "-", f"{f.p50_ms / n.p50_ms:.2f}x" if n else "-",
-                  _mb(f.kv_cache_bytes), _mb(f.peak_memory_bytes), f"{f.flops / 1e9:.2f}", _db(f.psnr_vs_fp32_db),
-                  _db(f.psnr_vs_truth_db))
+                  _mb(f.kv_cache_bytes), _mb(f.peak_memory_bytes), f"{f.flops / 1e9:.2f}",
+                  _rate(f, m.get("gemm_peak_gmacs", {})), _db(f.psnr_vs_fp32_db), _db(f.psnr_vs_truth_db))
+    if m.get("gemm_peak_gmacs"):
+        peaks = ", ".join(f"{p} {v:.0f}" for p, v in m["gemm_peak_gmacs"].items())
+        t.caption = (f"GMAC/s: the frame graph's multiply-accumulates over its p50; the roof is a {GEMM_SIDE}x{GEMM_SIDE} GEMM in "
+                     f"oneDNN on this CPU ({', '.join(m.get('cpu_flags', [])) or 'no AVX-512'}), GMAC/s: {peaks}")
     return t
+
+
+def _rate(row: ProfileRow, peaks: dict[str, float]) -> str:
+    """Achieved GMAC/s of a frame row, and its share of this CPU's GEMM peak in the row's precision."""
+    if not row.flops or not row.p50_ms:
+        return "-"
+    gmacs = row.flops / 2 / (row.p50_ms / 1e3) / 1e9
+    peak = peaks.get(row.precision)
+    return f"{gmacs:.0f} ({100 * gmacs / peak:.0f}%)" if peak else f"{gmacs:.0f}"
 
 
 def _db(v: float | None) -> str:

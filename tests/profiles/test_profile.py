@@ -10,7 +10,7 @@ from gemx.exporter.contract import Contract
 from gemx.model import load_checkpoint
 from gemx.profiles.measure import time_calls
 from gemx.profiles.sweep import ProfileOptions, profile
-from gemx.runtimes.registry import open_session
+from gemx.runtimes.registry import open_session, runtime_available
 from tests.conftest import frames
 
 
@@ -194,20 +194,29 @@ def test_precision_axis_and_ground_truth_from_a_video(tiny_ckpt, tmp_path):
 
 def test_int8_rows_next_to_fp32_with_their_quality(tiny_ckpt, tmp_path):
     from gemx.exporter.validate import INT8_PSNR_GOAL
+    from gemx.profiles import report
+    from gemx.profiles.sweep import EXACT_DB
+    from gemx.runtimes.cpu import bf16_native
     from tests.conftest import videos_or_skip
 
     video = videos_or_skip() / "retalk5_woman_glasses.mp4"
-    with pytest.raises(GemxError, match=r"none of --runtime torch runs --precision int8 \(ort/tensorrt\)"):
+    with pytest.raises(GemxError, match=r"none of --runtime torch runs --precision int8 \(ort/openvino/tensorrt\)"):
         profile(tiny_ckpt, ProfileOptions(refs=[1], runtimes=["torch"], precisions=["int8"], cache_dir=tmp_path))
     with pytest.raises(GemxError, match="pass --calib VIDEO"):
         profile(tiny_ckpt, ProfileOptions(refs=[1], runtimes=["ort"], precisions=["int8"], cache_dir=tmp_path))
-    opts = ProfileOptions(refs=[1, 2], block_sizes=[4], runtimes=["ort"], precisions=["fp32", "int8"], iters=3, naive=False,
-                          calib=[video], frames=video, cache_dir=tmp_path)
-    rows = {(r.precision, r.refs): r for r in profile(tiny_ckpt, opts).rows if r.stage == "frame"}
-    assert set(rows) == {("fp32", 1), ("fp32", 2), ("int8", 1), ("int8", 2)}
-    for refs in (1, 2):
-        assert rows["fp32", refs].psnr_vs_fp32_db > 100 and INT8_PSNR_GOAL < rows["int8", refs].psnr_vs_fp32_db < 100
-        assert abs(rows["int8", refs].psnr_vs_truth_db - rows["fp32", refs].psnr_vs_truth_db) < 0.5
+    runtimes = ["ort"] + (["openvino"] if runtime_available("openvino")[0] else [])
+    opts = ProfileOptions(refs=[1, 2], block_sizes=[4], runtimes=runtimes, precisions=["fp32", "bf16", "int8"], iters=3,
+                          naive=False, calib=[video], frames=video, cache_dir=tmp_path)
+    result = profile(tiny_ckpt, opts)
+    rows = {(r.runtime, r.precision, r.refs): r for r in result.rows if r.stage == "frame"}
+    bf16 = ["bf16"] if bf16_native()[0] else []  # where the CPU has no bf16, its rows are left out, not emulated
+    assert set(rows) == {(rt, p, n) for rt in runtimes for p in ["fp32", "int8", *bf16 * (rt == "openvino")] for n in (1, 2)}
+    for (runtime, precision, refs), row in rows.items():
+        low = {"fp32": 100, "bf16": 35, "int8": INT8_PSNR_GOAL}[precision]
+        assert low < row.psnr_vs_fp32_db <= (EXACT_DB if precision == "fp32" else 100), (runtime, precision, row.psnr_vs_fp32_db)
+        assert abs(row.psnr_vs_truth_db - rows["ort", "fp32", refs].psnr_vs_truth_db) < 0.5
+    assert set(result.machine["gemm_peak_gmacs"]) >= {"fp32", "bf16"}
+    assert any(str(c.header).startswith("GMAC/s") for c in report.table(result).columns)
     built = [p.name for p in tmp_path.glob("*/ort_cpu*")]
     assert sorted(built) == ["ort_cpu", "ort_cpu_int8"]  # both precisions built for this machine
 

@@ -137,12 +137,19 @@ def test_every_session_is_a_session(tiny_export, model):
     assert isinstance(open_session("torch", tiny_export.path, model=model), Session)
 
 
-def test_runtimes_command_lists_every_runtime_and_the_auto_choice():
+def test_runtimes_command_lists_every_runtime_its_precisions_here_and_the_cpu(monkeypatch):
     from typer.testing import CliRunner
 
+    import gemx.runtimes.cpu
     from gemx.cli import app
-    from gemx.runtimes.registry import RUNTIMES, resolve_runtime
+    from gemx.runtimes.registry import RUNTIMES
 
-    res = CliRunner().invoke(app, ["runtimes"])
+    res = CliRunner().invoke(app, ["runtimes"], env={"COLUMNS": "200"})
     assert res.exit_code == 0
-    assert all(r in res.output for r in RUNTIMES) and f"picks {resolve_runtime('auto')}" in res.output
+    assert all(r in res.output for r in RUNTIMES) and "--runtime auto measures" in res.output
+    assert f"CPU: {gemx.runtimes.cpu.cpu_model()}; instruction sets: {' '.join(gemx.runtimes.cpu.cpu_flags())}" in res.output
+    monkeypatch.setattr(gemx.runtimes.cpu, "_cpuinfo", lambda: ("Old CPU", frozenset({"avx2"})))
+    res = CliRunner().invoke(app, ["runtimes"], env={"COLUMNS": "200"})
+    assert "CPU: Old CPU; instruction sets: avx2" in res.output
+    if runtime_available("openvino")[0]:
+        assert "bf16: no bf16 instructions on this CPU" in res.output and "int8: no VNNI/AMX here" in res.output

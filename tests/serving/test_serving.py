@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from gemx import GemxError
 from gemx.cli import app
 from gemx.model.lr import downsample
-from gemx.runtimes.registry import open_session
+from gemx.runtimes.registry import open_session, runtime_available
 from gemx.serving.client import RemoteStream
 from gemx.serving.loadtest import LoadOptions, loadtest
 from gemx.serving.repository import TritonOptions, read_repository, write_repository
@@ -410,9 +410,9 @@ def test_bad_triton_options_are_one_line(tiny_export, tmp_path, args, message):
 
 
 def test_an_int8_repository_serves_the_int8_graphs(tmp_path):
-    """`gemx triton --precision int8`: the server runs the export's INT8 graphs (ORT CPU, prepared), frame for frame
-    what a local INT8 session gives, and visibly not the FP32 frame. The model's deepest level has 64 channels, so
-    the stream's cache mixes float32 and int8 keys."""
+    """`gemx triton --precision int8`: the server runs the export's INT8 graphs (ORT CPU, prepared; then OpenVINO, as
+    they are), frame for frame what a local INT8 session of the same runtime gives, and visibly not the FP32 frame.
+    The model's deepest level has 64 channels, so the stream's cache mixes float32 and int8 keys."""
     import torch
 
     from gemx.exporter.export import ExportOptions, export
@@ -432,6 +432,23 @@ def test_an_int8_repository_serves_the_int8_graphs(tmp_path):
     with open_session("ort", path, "int8") as int8, open_session("ort", path) as fp32:
         want, fp32_frames = [int8.decode(x, int8.encode(refs)) for x in lr], [fp32.decode(x, fp32.encode(refs)) for x in lr]
     server = TritonServer(repo.path, grpc_port=free_port(), http_port=free_port(), log_path=tmp_path / "log")
+    server.start(timeout_s=90)
+    try:
+        with RemoteStream(server.grpc_url) as stream:
+            stream.set_references(refs)
+            for x, w, f in zip(lr, want, fp32_frames, strict=True):
+                got = stream(x)
+                np.testing.assert_allclose(got, w, atol=1e-5)
+                assert INT8_PSNR_GOAL < psnr_db(got, f) < 100
+    finally:
+        server.stop()
+    if not runtime_available("openvino")[0]:
+        return
+    # `gemx triton --runtime openvino --precision int8`: the same QDQ graphs in OpenVINO's int8 kernels inside the server
+    repo = write_repository(path, tmp_path / "ov", TritonOptions(runtime="openvino", precision="int8", max_refs=MAX_REFS, threads=1))
+    with open_session("openvino", path, "int8", threads=1) as ov:
+        want = [ov.decode(x, ov.encode(refs)) for x in lr]
+    server = TritonServer(repo.path, grpc_port=free_port(), http_port=free_port(), log_path=tmp_path / "ov.log")
     server.start(timeout_s=90)
     try:
         with RemoteStream(server.grpc_url) as stream:

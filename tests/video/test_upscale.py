@@ -60,10 +60,13 @@ def test_lr_video_with_reference_images_keeps_count_fps_and_upscales(videos, tin
     assert result.encoder_runs == 1
 
 
-def test_side_by_side_has_three_panels(videos, tiny_ckpt, tmp_path):
+def test_side_by_side_has_three_panels_and_auto_says_what_it_measured_and_chose(videos, tiny_ckpt, tmp_path):
     out = tmp_path / "sbs"
-    upscale(videos / "hr.mp4", out, UpscaleOptions(simulate=True, refs=1, side_by_side=True), tiny_ckpt)
+    result = upscale(videos / "hr.mp4", out, UpscaleOptions(simulate=True, refs=1, side_by_side=True), tiny_ckpt)
     assert np.asarray(Image.open(out / "frame_00000.png")).shape == (64, 192, 3)
+    # the default runtime is auto: it measured the fp32 runtimes here and ran the fastest
+    assert result.precision == "fp32" and result.choice.split(" ")[:2] in (["ort", "fp32"], ["openvino", "fp32"])
+    assert "fastest of" in result.choice and "allowed down to fp32" in result.choice
 
 
 def test_errors_are_clear(videos, tiny_ckpt, tmp_path):
