@@ -9,6 +9,12 @@ from gemx.model import build_model, preset, save_checkpoint
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 
 
+def pytest_runtest_setup(item):
+    """A test marked `data` is skipped before its fixtures run (some export a model) when the videos are missing."""
+    if item.get_closest_marker("data") and not SHARED_VIDEOS.is_dir():
+        pytest.skip(f"needs the shared test videos at {SHARED_VIDEOS}")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Exports and frame caches go to a temporary directory, never the user's ~/.cache."""

@@ -30,6 +30,8 @@ def profile(
     seconds: Annotated[float | None, typer.Option(help="time each measurement for this long instead of --iters")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: the runtime's choice)")] = None,
     naive: Annotated[bool, typer.Option(help="also time the full model re-encoding references every frame")] = True,
+    memory: Annotated[bool, typer.Option(help="measure each CPU session's peak memory in a fresh process (a few seconds "
+                                              "per runtime and precision)")] = True,
     cache_dir: Annotated[Path | None, typer.Option(help="where per-block-size exports are kept")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write every figure and the machine as JSON")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="write every figure as CSV")] = None,
@@ -53,7 +55,7 @@ def profile(
                           [r.strip() for r in runtime.split(",") if r.strip()] if runtime is not None else default_runtimes(),
                           ["fp16"] if fp16 else [p.strip() for p in precision.split(",") if p.strip()], warmup, iters, seconds,
                           threads, cache_dir, naive, ops, frames, list(calib or []),
-                          [_size(t.strip(), "--sizes") for t in sizes.split(",") if t.strip()] if sizes else None)
+                          [_size(t.strip(), "--sizes") for t in sizes.split(",") if t.strip()] if sizes else None, memory)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("preparing", total=None)
         result = run_profile(source, opts, progress=lambda msg, advance=0: bar.update(task, description=msg, advance=advance),

@@ -48,6 +48,7 @@ class ProfileOptions:
     frames: Path | None = None  # a video: references and targets from it, and quality against its HR frames
     calib: list[Path] = field(default_factory=list)  # INT8 calibration videos (the shipped checkpoint needs none)
     sizes: list[tuple[int, int]] | None = None  # HR (height, width) per row; default: the training size
+    memory: bool = True  # each CPU session's peak memory, in a fresh interpreter (a few seconds per runtime and precision)
 
     def __post_init__(self) -> None:
         check_positive(iters=self.iters, threads=self.threads)
@@ -154,7 +155,8 @@ def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, adva
                 for runtime, prec in combos:
                     on_cpu = runtime in ("torch", "ort", "openvino")
                     mem_kind = "rss over pre-session, own process" if on_cpu else "device over pre-session"
-                    if on_cpu:  # in a fresh interpreter: here, memory an earlier session freed would be reused unseen
+                    cpu_memory = dict.fromkeys(opts.refs)
+                    if on_cpu and opts.memory:  # in a fresh interpreter: here, memory an earlier session freed would be reused unseen
                         progress(f"{where} {runtime} {prec} memory")
                         cpu_memory = _cpu_memory(_MemoryProbe(runtime, path, prec, opts.threads, source, block, opts.refs,
                                                               frames[1:max_refs + 1].numpy(), target))

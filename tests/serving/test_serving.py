@@ -409,6 +409,7 @@ def test_bad_triton_options_are_one_line(tiny_export, tmp_path, args, message):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.data
 def test_an_int8_repository_serves_the_int8_graphs(tmp_path):
     """`gemx triton --precision int8`: the server runs the export's INT8 graphs (ORT CPU, prepared; then OpenVINO, as
     they are), frame for frame what a local INT8 session of the same runtime gives, and visibly not the FP32 frame.

@@ -2,11 +2,12 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gemx import GemxError
 from gemx.frames import probe, read_frames, to_tensor
-from gemx.metrics import psnr, ssim_db
+from gemx.metrics import psnr, ssim, ssim_db
 from gemx.video.io import write_video
 from gemx.video.references import select_diverse
 from gemx.video.upscale import UpscaleOptions, upscale
@@ -49,6 +50,19 @@ def test_simulate_metrics_equal_a_direct_computation(videos, tiny_ckpt, tmp_path
     assert result.metrics["gemx"]["psnr"] == pytest.approx(float(psnr(got, original).mean()), abs=1e-4)
     assert result.metrics["gemx"]["ssim_db"] == pytest.approx(float(ssim_db(got, original).mean()), abs=1e-4)
     assert result.metrics["bicubic"]["psnr"] > 10
+
+
+def test_the_metrics_match_their_closed_forms():
+    """The metrics the simulate report uses, against values computed without them: two flat images' SSIM is the
+    luminance term alone, (2ab + C1) / (a^2 + b^2 + C1); an image against itself is SSIM 1 (the dB scale's cap);
+    PSNR of a uniform error d is -20 log10 d."""
+    a, b, c1 = 0.2, 0.6, 0.01**2
+    flat_a, flat_b = torch.full((1, 3, 32, 32), a), torch.full((1, 3, 32, 32), b)
+    assert float(ssim(flat_a, flat_b)[0]) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-3)  # float32 variances
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert float(ssim(x, x)[0]) == pytest.approx(1, abs=1e-5) and float(ssim_db(x, x)[0]) > 40
+    assert float(psnr(x, (x + 0.1))[0]) == pytest.approx(20, abs=1e-3)
+    assert float(ssim(x, x.flip(-1))[0]) < 0.2  # a different picture of the same statistics is not similar
 
 
 def test_lr_video_with_reference_images_keeps_count_fps_and_upscales(videos, tiny_ckpt, tmp_path):
@@ -103,6 +117,7 @@ def test_torch_and_session_outputs_match_for_the_same_frames(videos, tiny_ckpt, 
     assert np.abs(fa - fb).max() <= 1
 
 
+@pytest.mark.data
 def test_real_video_keeps_audio_frame_count_and_fps(tiny_ckpt, tmp_path):
     import av
 
