@@ -7,13 +7,15 @@ OpenVINO reads the export's ONNX graphs as they are, symbolic axes included:
     int8  the export's TensorRT-form QDQ graphs, with no preparation: OpenVINO fuses each Q/DQ pair into its int8
           kernels, and computes what stays float in f32
 Keys and values are copied once per reference set out of the encoder's request into arrays this process owns; every
-frame hands them to the frame request without a copy (`share_inputs`). A build (`gemx build --runtime openvino`)
-holds the compiled models, so a later session imports them instead of compiling.
+frame hands them to the frame request without a copy (`share_inputs`). Frames run a frame graph compiled for the
+reference set's exact shapes, made when the references are encoded. A build (`gemx build --runtime openvino`)
+holds the compiled symbolic models, so a later session imports them instead of compiling.
 """
 
 from __future__ import annotations
 
 import io
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from gemx.runtimes.cpu import bf16_native
 
 PRECISIONS = ("fp32", "bf16", "int8")
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # what OpenVINO computes the float ops in
+FIXED_GEOMETRIES = 8  # (reference count, frame size) pairs whose frame graph a session keeps compiled for its shapes
 
 
 def openvino_version() -> tuple[str | None, str]:
@@ -62,28 +65,55 @@ class OpenVinoSession(Session):
     def __init__(self, export: ExportDir, precision: str = "fp32", threads: int | None = None,
                  compiled: dict[str, bytes] | None = None):
         """`compiled`: the build's compiled models by graph name (imported instead of compiling the ONNX graphs)."""
-        config = compile_config(precision, threads)
+        self.config = compile_config(precision, threads)
         super().__init__(export.contract(graph_precision(precision)), export.max_refs, export.max_size)
         self.name, self.precision = "openvino", precision
-        ov = core()
+        self.core = core()
         models = {}
         for spec in self.contract.graphs:
             if compiled is not None:
-                models[spec.name] = ov.import_model(io.BytesIO(compiled[spec.name]), "CPU", config)
+                models[spec.name] = self.core.import_model(io.BytesIO(compiled[spec.name]), "CPU", self.config)
             else:
-                models[spec.name] = ov.compile_model(str(export.graph_path(spec.name, graph_precision(precision))), "CPU", config)
+                models[spec.name] = self.core.compile_model(str(export.graph_path(spec.name, graph_precision(precision))), "CPU",
+                                                            self.config)
         self.compiled = models
         self.encoder = models["reference_encoder"].create_infer_request()
-        self.frame = models["frame"].create_infer_request()
+        self.frame = models["frame"].create_infer_request()  # any geometry, until its own is compiled
+        self.frame_graph = export.graph_path("frame", graph_precision(precision))
+        self.fixed: OrderedDict[tuple, Any] = OrderedDict()  # geometry -> a frame request compiled for its exact shapes
         self.kv_names = [s.name for s in self.contract.kv]
 
     def _encode(self, references: np.ndarray) -> dict[str, np.ndarray]:
         self.encoder.infer({"references": references}, share_inputs=True)
-        return {name: self.encoder.get_tensor(name).data.copy() for name in self.kv_names}  # owned: the next encode reuses
+        kv = {name: self.encoder.get_tensor(name).data.copy() for name in self.kv_names}  # owned: the next encode reuses
+        scale = self.contract.config.scale
+        target = (1, 3, references.shape[2] // scale, references.shape[3] // scale)
+        self._fixed_frame(target, kv)  # compiled now, with the references, so no frame of the call waits for it
+        return kv
 
     def _decode(self, target_lr: np.ndarray, kv: dict[str, np.ndarray]) -> np.ndarray:
-        self.frame.infer({"target_lr": target_lr, **kv}, share_inputs=True)
-        return self.frame.get_tensor("frame_hr").data.copy()
+        request = self.fixed.get(_geometry(target_lr.shape, kv), self.frame)
+        request.infer({"target_lr": target_lr, **kv}, share_inputs=True)
+        return request.get_tensor("frame_hr").data.copy()
+
+    def _fixed_frame(self, target: tuple[int, ...], kv: dict[str, np.ndarray]):
+        """The frame graph compiled for one geometry's exact shapes: OpenVINO's CPU kernels run static shapes faster
+        than the symbolic graph, for one compile per reference count and frame size (measured in docs/cpu.md). The
+        most recent FIXED_GEOMETRIES are kept; a cache of a geometry without one runs the symbolic graph."""
+        key = _geometry(target, kv)
+        if key in self.fixed:
+            self.fixed.move_to_end(key)
+            return self.fixed[key]
+        model = self.core.read_model(str(self.frame_graph))
+        model.reshape({"target_lr": list(target), **{name: list(value.shape) for name, value in kv.items()}})
+        self.fixed[key] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+        if len(self.fixed) > FIXED_GEOMETRIES:
+            self.fixed.popitem(last=False)
+        return self.fixed[key]
+
+
+def _geometry(target: tuple[int, ...], kv: dict[str, np.ndarray]) -> tuple:
+    return (tuple(target), *(value.shape for value in kv.values()))
 
 
 def export_compiled(export: ExportDir, precision: str, out: Path) -> dict[str, str]:
