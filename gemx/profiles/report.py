@@ -131,7 +131,8 @@ def plot(result: ProfileResult, path: Path, overwrite: bool = False) -> None:
     has_naive = any("naive" in label for label in lines)
     panels = 2 + has_naive + several_sizes
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
-    colors = {label: f"C{i % 10}" for i, label in enumerate(sorted(lines))}  # one colour per row group in every panel
+    palette = plt.get_cmap("tab10" if len(lines) <= 10 else "tab20").colors
+    colors = {label: palette[i % len(palette)] for i, label in enumerate(sorted(lines))}  # one colour per row group, every panel
     _quality_panel(axes[0][-1], result, colors, several_sizes)
     if several_sizes:
         _pixels_panel(axes[0][-2], result)
