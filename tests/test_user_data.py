@@ -259,13 +259,12 @@ def test_a_folder_without_an_inventory_is_not_replaced_by_force(tiny_ckpt, tmp_p
 
 
 def test_an_unsupported_plot_format_is_refused_before_the_sweep(tiny_ckpt, tmp_path):
-    started = time.monotonic()
     res = cli("profile", tiny_ckpt, "--refs", 1, "--plot", tmp_path / "out.txt", "--json", tmp_path / "p.json")
     assert res.exit_code == 1 and "out.txt: .txt is not an image format" in res.output and ".png" in res.output
     assert not (tmp_path / "out.txt").exists() and not (tmp_path / "p.json").exists()  # nothing measured, nothing written
-    res = cli("profile", tiny_ckpt, "--refs", 1, "--runtime", "ort", "--no-naive", "--iters", 2, "--plot", tmp_path / "out.SVG")
+    res = cli("profile", tiny_ckpt, "--refs", 1, "--runtime", "ort", "--no-naive", "--no-memory", "--block-sizes", 4, "--iters", 2,
+              "--plot", tmp_path / "out.SVG")
     assert res.exit_code == 0 and (tmp_path / "out.SVG").read_bytes().lstrip().startswith(b"<?xml")
-    assert time.monotonic() - started < 600
 
 
 # -- 2. artifacts are verified before use -------------------------------------------------------------------

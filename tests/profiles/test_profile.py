@@ -41,7 +41,7 @@ def test_every_requested_combination_is_measured(tiny_profile):
 def test_figures_are_sane(tiny_profile):
     _, result = tiny_profile
     for r in result.rows:
-        assert r.min_ms > 0 and r.iters == 3 and r.fps == pytest.approx(1000 / r.p50_ms), r
+        assert r.min_ms > 0 and r.iters >= 3 and r.fps == pytest.approx(1000 / r.p50_ms), r
         assert r.flops > 0 and r.params > 0
     frame = {(r.block_size, r.runtime, r.refs): r for r in result.rows if r.stage == "frame"}
     # The KV cache grows linearly with the reference count; per-frame FLOPs grow with it too.
