@@ -9,7 +9,6 @@ Frames are uint8 RGB numpy arrays [H, W, 3]; tensors are float32 [..., 3, H, W] 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from gemx.errors import GemxError
-from gemx.fs import atomic_write
+from gemx.fs import atomic_write, cache_root
 
 
 @dataclass(frozen=True)
@@ -112,16 +111,12 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return frames.detach().clamp(0, 1).mul(255).round().byte().movedim(-3, -1).cpu().numpy()
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("GEMX_CACHE", Path.home() / ".cache" / "gemx"))
-
-
 def cached_frames(video: Path, size: int, cache_dir: Path | None = None) -> np.ndarray:
     """The video's frames at size x size, decoded on first use and memory-mapped afterwards."""
     video = Path(video)
     stat = video.stat()
     key = hashlib.sha1(f"{video.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{size}".encode()).hexdigest()[:12]
-    path = (cache_dir or default_cache_dir()) / "frames" / f"{video.stem}-{size}-{key}.npy"
+    path = (cache_dir or cache_root()) / "frames" / f"{video.stem}-{size}-{key}.npy"
     if not path.exists():
         frames = np.stack([square_crop_resize(f, size) for f in iter_frames(video)])
 

@@ -32,6 +32,12 @@ WRITTEN_LATER = ("__pycache__",)
 _stop = {"requested": False}
 
 
+def cache_root() -> Path:
+    """Where gemx keeps what it can make again (exports per checkpoint and block size, decoded frames): $GEMX_CACHE,
+    or ~/.cache/gemx."""
+    return Path(os.environ.get("GEMX_CACHE", Path.home() / ".cache" / "gemx"))
+
+
 def request_stop() -> None:
     """Ask every later commit to refuse (Ctrl-C, SIGTERM). The signal handler also raises KeyboardInterrupt,
     but Python drops an exception raised while a finalizer runs; this flag makes the stop certain anyway."""

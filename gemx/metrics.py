@@ -34,6 +34,12 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -10 * torch.log10(mse)
 
 
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two whole arrays in [0, 1] (numpy, float64; inf when equal): how a graph's output compares."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else -10 * math.log10(mse)
+
+
 def ssim_db(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """SSIM as the paper reports it: -10 log10(1 - SSIM)."""
     return -10 * torch.log10((1 - ssim(x, y)).clamp_min(1e-10))

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import torch
 
-from gemx.exporter.validate import psnr_db
 from gemx.frames import sample_frames
+from gemx.metrics import psnr_db
 from gemx.model import load_checkpoint
 from gemx.model.lr import downsample
 from gemx.runtimes.torch_cuda_session import TorchCudaSession

@@ -4,19 +4,14 @@ graphs of a checkpoint without the user running `gemx export` first (profile, up
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
 from gemx.errors import GemxError
 from gemx.exporter.export import ExportOptions, export
 from gemx.exporter.manifest import GRAPHS_REVISION, MANIFEST, read_export_dir
-from gemx.fs import json_field
+from gemx.fs import cache_root, json_field
 from gemx.model.checkpoint import Checkpoint
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("GEMX_CACHE", Path.home() / ".cache" / "gemx")) / "exports"
 
 
 def cached_export(ckpt: Checkpoint, block_size: int, max_refs: int, precisions: list[str] = ("fp32",),
@@ -28,7 +23,7 @@ def cached_export(ckpt: Checkpoint, block_size: int, max_refs: int, precisions: 
     extra = "-fp16" * fp16 + "-int8" * int8
     if int8 and calib:
         extra += "-" + hashlib.sha256("|".join(str(Path(c).resolve()) for c in calib).encode()).hexdigest()[:8]
-    out = (cache_dir or default_cache_dir()) / f"{ckpt.path.stem}-{digest}-b{block_size}-r{max_refs}{extra}"
+    out = (cache_dir or cache_root() / "exports") / f"{ckpt.path.stem}-{digest}-b{block_size}-r{max_refs}{extra}"
     if out.exists():
         if json_field(out / MANIFEST, "graphs_revision") != GRAPHS_REVISION:
             progress("re-exporting: the cached export was made by an older gemx")

@@ -41,7 +41,7 @@ from gemx.frames import sample_frames
 from gemx.fs import atomic_dir, atomic_write, check_target
 from gemx.model.checkpoint import Checkpoint, load_checkpoint
 from gemx.model.config import MAX_SIZE
-from gemx.model.network import GeminoAttention, build_model
+from gemx.model.network import GeminoAttention, with_block_size
 
 VALIDATE_REFS = (1, 2, 5, 10)
 
@@ -71,15 +71,6 @@ class ExportResult:
     parity: dict[str, list[ParityRow]] = field(default_factory=dict)
     trt: list[TrtReport] = field(default_factory=list)
     frames_source: str = ""
-
-
-def with_block_size(model: GeminoAttention, block_size: int | None) -> GeminoAttention:
-    """The same weights with another attention block size (block size shapes no parameter)."""
-    if block_size is None or block_size == model.config.block_size:
-        return model
-    other = build_model(model.config.replace(block_size=block_size))
-    other.load_state_dict(model.state_dict())
-    return other.eval()
 
 
 def default_out_dir(ckpt: Checkpoint, block_size: int) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gemx.exporter.contract import Contract
+from gemx.metrics import psnr_db
 from gemx.model.lr import downsample
 from gemx.model.network import GeminoAttention
 
@@ -40,11 +40,6 @@ def run_pipeline(encoder, frame, contract: Contract, refs_hr: np.ndarray, target
     kv = encoder.run([s.name for s in contract.kv], {"references": refs_hr})
     feed = {"target_lr": target_lr, **{s.name: t for s, t in zip(contract.kv, kv, strict=True)}}
     return frame.run(["frame_hr"], feed)[0]
-
-
-def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else -10 * math.log10(mse)
 
 
 def check_parity(model: GeminoAttention, contract: Contract, paths: tuple[Path, Path], refs_list: list[int],

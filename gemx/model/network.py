@@ -329,6 +329,15 @@ class GeminoAttention(nn.Module):
             raise GemxError(f"{name} must be RGB frames {layout} with H, W = {size} (or multiples of {grid}), got {got}")
 
 
+def with_block_size(model: GeminoAttention, block_size: int | None) -> GeminoAttention:
+    """The same weights with another attention block size (block size shapes no parameter)."""
+    if block_size is None or block_size == model.config.block_size:
+        return model
+    other = build_model(model.config.replace(block_size=block_size))
+    other.load_state_dict(model.state_dict())
+    return other.eval()
+
+
 def build_model(config: ModelConfig) -> GeminoAttention:
     """The model of a config, refused in one line when its weights alone would exceed what gemx supports."""
     with torch.device("meta"):  # counts the parameters without allocating them

@@ -19,12 +19,12 @@ from gemx.errors import GemxError, check_positive
 from gemx.exporter.cache import cached_export
 from gemx.exporter.contract import COMPUTE_PRECISIONS, graph_precision
 from gemx.exporter.contract import PRECISIONS as GRAPH_PRECISIONS
-from gemx.exporter.export import with_block_size
 from gemx.exporter.manifest import read_export_dir
-from gemx.exporter.validate import psnr_db
 from gemx.frames import sample_frames
+from gemx.metrics import psnr_db
 from gemx.model.checkpoint import load_checkpoint
 from gemx.model.lr import downsample
+from gemx.model.network import with_block_size
 from gemx.profiles.flops import graph_cost
 from gemx.profiles.machine import machine_info
 from gemx.profiles.measure import device_memory_used, peak_rss_delta, release_freed_memory, rss_now, time_calls

@@ -20,9 +20,9 @@ import numpy as np
 
 from gemx.errors import GemxError, check_positive
 from gemx.exporter.manifest import TIMING_CACHE, ExportDir, read_export_dir, sha256
-from gemx.exporter.validate import psnr_db
 from gemx.frames import sample_frames
 from gemx.fs import atomic_dir, atomic_write, refuse_foreign
+from gemx.metrics import psnr_db
 from gemx.model.lr import downsample
 from gemx.runtimes.build_record import RECORD, engine_dir, is_build, write_record
 from gemx.runtimes.gpu import detect_gpu, tensorrt_version

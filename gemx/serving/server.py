@@ -25,8 +25,7 @@ from pathlib import Path
 
 from gemx.errors import GemxError
 from gemx.serving.repository import MODEL_NAME, read_repository
-
-SERVE_EXTRA = "pip install 'gemx[serve]'"
+from gemx.serving.stub_env import SERVE_EXTRA, check_stub_numpy
 
 
 @dataclass(frozen=True)
@@ -53,15 +52,6 @@ def find_triton() -> TritonInstall:
         if not path.exists():
             raise GemxError(f"the nvidia-pytriton wheel has no {what} ({path}); reinstall it with: {SERVE_EXTRA}")
     return found
-
-
-def check_stub_numpy() -> None:
-    """The stub's tensors arrive corrupted with numpy 2.x (seen with the wheel's 2.51 stub); 1.26 is correct."""
-    import numpy
-
-    if int(numpy.__version__.split(".")[0]) >= 2:
-        raise GemxError(f"the Triton Python backend stub needs numpy < 2 in the serving environment ({sys.prefix} has "
-                        f"numpy {numpy.__version__}); install the serving extra there: {SERVE_EXTRA}")
 
 
 def port_free(host: str, port: int) -> bool:

@@ -16,8 +16,8 @@ import numpy as np
 
 from gemx.errors import GemxError
 from gemx.serving.repository import KV_BYTES_OUTPUT, STREAMS_OUTPUT, Repository, read_repository
-from gemx.serving.server import check_stub_numpy
 from gemx.serving.streams import StreamTable
+from gemx.serving.stub_env import check_stub_numpy
 
 
 def open_stream_table(repo: Repository, params: dict[str, str]) -> StreamTable:

@@ -15,7 +15,8 @@ from gemx.cli import app
 from gemx.exporter.export import ExportOptions, export
 from gemx.exporter.manifest import read_export_dir, sha256
 from gemx.exporter.quantize import RANGES_FILE, load_ranges, shipped_ranges_path
-from gemx.exporter.validate import INT8_PSNR_GOAL, psnr_db
+from gemx.exporter.validate import INT8_PSNR_GOAL
+from gemx.metrics import psnr_db
 from gemx.runtimes.build import BuildOptions, build
 from gemx.runtimes.cpu import bf16_native
 from gemx.runtimes.ort_int8 import prepare_for_ort_cpu

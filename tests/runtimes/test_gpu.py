@@ -71,7 +71,7 @@ def test_torch_cuda_fp32_matches_the_cpu_and_graph_replay_matches_eager(tiny_ckp
 
 @pytest.mark.skipif(not torch_cuda_ok, reason=f"needs an NVIDIA GPU with a CUDA build of PyTorch: {torch_cuda_why}")
 def test_torch_cuda_fp16_keeps_the_fp16_graph_dtypes_and_stays_close(tiny_ckpt):
-    from gemx.exporter.validate import psnr_db
+    from gemx.metrics import psnr_db
     from gemx.model import load_checkpoint
     from gemx.runtimes.torch_cuda_session import TorchCudaSession
 

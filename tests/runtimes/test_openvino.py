@@ -10,7 +10,7 @@ import pytest
 import gemx.runtimes.cpu
 from gemx import GemxError
 from gemx.exporter.manifest import AUTO_RECORD, read_export_dir
-from gemx.exporter.validate import psnr_db
+from gemx.metrics import psnr_db
 from gemx.model import load_checkpoint
 from gemx.runtimes.build import BuildOptions, build, openvino_dir
 from gemx.runtimes.registry import open_session, runtime_available

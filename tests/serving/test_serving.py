@@ -418,7 +418,8 @@ def test_an_int8_repository_serves_the_int8_graphs(tmp_path):
 
     from gemx.exporter.export import ExportOptions, export
     from gemx.exporter.manifest import read_export_dir
-    from gemx.exporter.validate import INT8_PSNR_GOAL, psnr_db
+    from gemx.exporter.validate import INT8_PSNR_GOAL
+    from gemx.metrics import psnr_db
     from gemx.model import build_model, preset, save_checkpoint
 
     video = videos_or_skip() / "retalk5_woman_glasses.mp4"
