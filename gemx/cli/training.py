@@ -65,8 +65,9 @@ def eval(
     videos: Annotated[Path | None, typer.Option(help="folder of talking-head .mp4 clips (required; split by person)")] = None,
     stride: Annotated[int, typer.Option(help="evaluate every Nth test frame")] = 2,
     lpips_weights: Annotated[Path | None, typer.Option(help="LPIPS-VGG weights (VGG-16 features + lin0..4) to also report LPIPS")] = None,
-    runtime: Annotated[str, typer.Option(help="torch (the checkpoints themselves) or a runtime running their exported graphs")] = "torch",
-    precision: Annotated[str, typer.Option(help="with a runtime: precisions to compare, e.g. fp32,int8 (one row set each)")] = "fp32",
+    runtime: Annotated[str, typer.Option(help="torch (the checkpoints themselves) or a runtime running their exported "
+                                              "graphs (ort, openvino, ...)")] = "torch",
+    precision: Annotated[str, typer.Option(help="with a runtime: precisions to compare, e.g. fp32,bf16,int8 (one row set each)")] = "fp32",
     json_out: Annotated[Path | None, typer.Option("--json", help="write the table as JSON")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --json file")] = False,
 ):
