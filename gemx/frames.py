@@ -111,14 +111,20 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return frames.detach().clamp(0, 1).mul(255).round().byte().movedim(-3, -1).cpu().numpy()
 
 
-def cached_frames(video: Path, size: int, cache_dir: Path | None = None) -> np.ndarray:
-    """The video's frames at size x size, decoded on first use and memory-mapped afterwards."""
+def cached_frames(video: Path, size: int | None, cache_dir: Path | None = None, multiple: int = 1) -> np.ndarray:
+    """The video's frames at size x size (centre square, resized), or with `size` None at the video's own geometry
+    cropped below and right to a multiple of `multiple`; decoded on first use and memory-mapped afterwards."""
     video = Path(video)
     stat = video.stat()
-    key = hashlib.sha1(f"{video.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{size}".encode()).hexdigest()[:12]
-    path = (cache_dir or cache_root()) / "frames" / f"{video.stem}-{size}-{key}.npy"
+    tag = size if size is not None else f"native{multiple}"
+    key = hashlib.sha1(f"{video.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{tag}".encode()).hexdigest()[:12]
+    path = (cache_dir or cache_root()) / "frames" / f"{video.stem}-{tag}-{key}.npy"
     if not path.exists():
-        frames = np.stack([square_crop_resize(f, size) for f in iter_frames(video)])
+        if size is None:
+            frames = np.stack([f[: f.shape[0] - f.shape[0] % multiple, : f.shape[1] - f.shape[1] % multiple]
+                               for f in iter_frames(video)])
+        else:
+            frames = np.stack([square_crop_resize(f, size) for f in iter_frames(video)])
 
         def save(tmp: Path) -> None:
             with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a path

@@ -68,6 +68,8 @@ def eval(
     runtime: Annotated[str, typer.Option(help="torch (the checkpoints themselves) or a runtime running their exported "
                                               "graphs (ort, openvino, ...)")] = "torch",
     precision: Annotated[str, typer.Option(help="with a runtime: precisions to compare, e.g. fp32,bf16,int8 (one row set each)")] = "fp32",
+    crop: Annotated[str, typer.Option(help="square: frames centre-cropped and resized to the training size (the paper's "
+                                           "protocol); native: each video at its own geometry")] = "square",
     json_out: Annotated[Path | None, typer.Option("--json", help="write the table as JSON")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --json file")] = False,
 ):
@@ -102,9 +104,11 @@ def eval(
     with Progress(console=console) as bar:
         task = bar.add_task("evaluating", total=None)
         rows = evaluate(models, test_videos, size, scale, stride, progress=lambda d, t: bar.update(task, completed=d, total=t),
-                        lpips=lpips)
+                        lpips=lpips, crop=crop)
     base = rows[0].video_mean_psnr
-    table = Table(title=f"test split ({', '.join(v.stem for v in test_videos)}), x{scale}, every {stride} frame(s) from 64")
+    geometry = f"{size}x{size} squares" if crop == "square" else "each video's own geometry"
+    table = Table(title=f"test split ({', '.join(v.stem for v in test_videos)}), x{scale}, {geometry}, every {stride} "
+                        "frame(s) from 64")
     lpips_cols = ("LPIPS mean", "p95", "p99") if lpips else ()
     for col in ("model", "PSNR mean", "p5", "p1", "SSIM dB mean", "p5", "p1", *lpips_cols, "video-mean PSNR", "vs bicubic"):
         table.add_column(col, justify="left" if col == "model" else "right")

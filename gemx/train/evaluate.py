@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gemx.errors import GemxError, check_positive
 from gemx.frames import cached_frames, to_tensor
@@ -23,6 +24,7 @@ from gemx.model.lr import downsample, upsample_bicubic
 from gemx.model.network import GeminoAttention
 
 REFERENCE_FRAMES = (0, 15, 30, 45, 60)
+CROPS = ("square", "native")
 FIRST_TEST_FRAME = 64
 
 
@@ -58,9 +60,15 @@ def cases(models: dict[str, GeminoAttention]) -> list[Case]:
 
 @torch.inference_mode()
 def evaluate(models: dict[str, GeminoAttention], videos: list[Path], size: int, scale: int, stride: int = 2,
-             progress=lambda done, total: None, lpips=None) -> list[EvalRow]:
+             progress=lambda done, total: None, lpips=None, crop: str = "square") -> list[EvalRow]:
+    """`crop`: "square" (the paper's protocol: every frame centre-cropped and resized to the training size) or
+    "native" (each video at its own geometry, cut below and right to a multiple of the scale; frames off the model's
+    grid are padded by edge replication and the output cropped back, as a session does; references of another
+    person's video are resized to this video's geometry)."""
     check_positive(stride=stride)
-    clips = {v.stem: cached_frames(v, size) for v in videos}
+    if crop not in CROPS:
+        raise GemxError(f"--crop takes {' or '.join(CROPS)}, got {crop!r}")
+    clips = {v.stem: cached_frames(v, size if crop == "square" else None, multiple=scale) for v in videos}
     need = max(FIRST_TEST_FRAME, *REFERENCE_FRAMES) + 1
     short = [f"{name} ({len(clip)})" for name, clip in clips.items() if len(clip) < need]
     if short:
@@ -74,9 +82,12 @@ def evaluate(models: dict[str, GeminoAttention], videos: list[Path], size: int, 
         clip = clips[name]
         targets = to_tensor(clip[FIRST_TEST_FRAME::stride])
         lr = downsample(targets, scale)
-        other = clips[names[(i + 1) % len(names)]]
+        own = to_tensor(clip[list(REFERENCE_FRAMES)])
+        other = to_tensor(clips[names[(i + 1) % len(names)]][list(REFERENCE_FRAMES)])
+        if other.shape != own.shape:  # native geometry: the other person's references resized to this video's
+            other = F.interpolate(other, size=own.shape[-2:], mode="bicubic", antialias=True).clamp(0, 1)
         for case in todo:
-            pred = _predict(case, lr, clip, other, scale)
+            pred = _predict(case, lr, other if case.other_person else own, scale)
             p, s = psnr(pred.clamp(0, 1), targets), ssim_db(pred.clamp(0, 1), targets)
             scores[case.name]["psnr"] += p.tolist()
             scores[case.name]["ssim"] += s.tolist()
@@ -91,12 +102,22 @@ def evaluate(models: dict[str, GeminoAttention], videos: list[Path], size: int, 
             for c in todo]
 
 
-def _predict(case: Case, lr: torch.Tensor, clip: np.ndarray, other: np.ndarray, scale: int) -> torch.Tensor:
+def _predict(case: Case, lr: torch.Tensor, references: torch.Tensor, scale: int) -> torch.Tensor:
+    """The case's frames for LR targets [T, 3, h, w], with its first `case.refs` of `references` [5, 3, H, W]."""
     if case.model is None:
         return upsample_bicubic(lr, scale)
+    h, w = lr.shape[-2] * scale, lr.shape[-1] * scale
+    grid = case.model.config.grid
+    padded = (-(-h // grid) * grid, -(-w // grid) * grid)  # a session's padding: edge replication below and right
+    lr = _pad_edges(lr, (padded[0] // scale, padded[1] // scale))
     if case.model.config.arch == "sisr":
-        return torch.cat([case.model(x[None]) for x in lr])
-    source = other if case.other_person else clip
-    refs = to_tensor(source[list(REFERENCE_FRAMES[: case.refs])])
+        return torch.cat([case.model(x[None]) for x in lr])[..., :h, :w]
+    refs = _pad_edges(references[: case.refs], padded)
     cache = case.model.encode_references(refs)
-    return torch.cat([case.model.attend_and_decode(x[None], cache) for x in lr])
+    return torch.cat([case.model.attend_and_decode(x[None], cache) for x in lr])[..., :h, :w]
+
+
+def _pad_edges(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A session's padding (`gemx.runtimes.base.pad_edges`) for the PyTorch model: edge replication below and right."""
+    h, w = x.shape[-2:]
+    return x if (h, w) == tuple(size) else F.pad(x, (0, size[1] - w, 0, size[0] - h), mode="replicate")

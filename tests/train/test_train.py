@@ -114,3 +114,35 @@ def test_vgg_feature_loss_from_a_weights_file(tmp_path):
     x = torch.rand(1, 3, 32, 32)
     assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-7) and float(loss(x, torch.rand(1, 3, 32, 32))) > 0
     assert "SSIM" in SuperResolutionLoss().description
+
+
+def test_eval_at_each_videos_own_geometry_pads_like_a_session(tmp_path):
+    """`gemx eval --crop native`: a 90x70 video runs at 88x68 (cut to the scale), padded to the grid as a session
+    pads it: its 1-reference row is what a TorchSession gives frame by frame; another person's references of
+    another size are resized to it."""
+    import numpy as np
+
+    from gemx.frames import to_tensor
+    from gemx.metrics import psnr
+    from gemx.model.lr import downsample
+    from gemx.runtimes.torch_session import TorchSession
+    from gemx.train.evaluate import FIRST_TEST_FRAME
+
+    write_video(tmp_path / "wide.mp4", iter([f[:70, :90].copy() for f in clip(70, 96, seed=5)]), Fraction(25))
+    write_video(tmp_path / "square.mp4", iter(clip(70, 64, seed=6)), Fraction(25))
+    model = build_model(preset("tiny")).eval()
+    rows = {r.name: r for r in evaluate({"att": model}, [tmp_path / "wide.mp4", tmp_path / "square.mp4"], 64, 4, stride=8,
+                                        crop="native")}
+    assert all(np.isfinite(r.video_mean_psnr) for r in rows.values())
+    frames = cached_frames(tmp_path / "wide.mp4", None, multiple=4)
+    assert frames.shape[1:3] == (68, 88)
+    targets = to_tensor(frames[FIRST_TEST_FRAME::8])
+    session = TorchSession(model)
+    session.set_references(to_tensor(frames[:1]).numpy())
+    got = torch.cat([torch.from_numpy(session(x[None].numpy())) for x in downsample(targets, 4)])
+    assert rows["att 1 ref"].per_video["wide"] == pytest.approx(float(psnr(got.clamp(0, 1), targets).mean()), abs=1e-4)
+    square = {r.name: r for r in evaluate({"att": model}, [tmp_path / "wide.mp4", tmp_path / "square.mp4"], 64, 4, stride=8)}
+    assert square["att 1 ref"].per_video["square"] == pytest.approx(rows["att 1 ref"].per_video["square"], abs=1e-4)
+    assert square["bicubic"].per_video["wide"] != pytest.approx(rows["bicubic"].per_video["wide"], abs=0.01)
+    with pytest.raises(GemxError, match="--crop takes square or native"):
+        evaluate({"att": model}, [tmp_path / "wide.mp4"], 64, 4, crop="round")
