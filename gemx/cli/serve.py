@@ -140,6 +140,9 @@ def loadtest(
     video: Annotated[Path | None, typer.Option(help="HR video to take references and frames from (default: synthetic frames)")] = None,
     repo: Annotated[Path | None, typer.Option(help="the served repository: adds a one-stream row run in this process")] = None,
     size: Annotated[str | None, typer.Option(help="HR frame size of every call, WxH (default: the model's training size)")] = None,
+    phases: Annotated[str, typer.Option(help="where the calls' frame clocks start within one interval: jittered (seeded, "
+                                             "the headline), even (best case), aligned (worst case)")] = "jittered,even,aligned",
+    seed: Annotated[int, typer.Option(help="seed of the jittered phases")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the rows as JSON")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --json file")] = False,
 ):
@@ -148,22 +151,24 @@ def loadtest(
     from gemx.serving.loadtest import loadtest as run_loadtest
 
     check_outputs([json_out], force)
-    opts = LoadOptions(_int_list(streams, "--streams"), fps, seconds, refs, video, repo, _size(size, "--size") if size else None)
+    opts = LoadOptions(_int_list(streams, "--streams"), fps, seconds, refs, video, repo, _size(size, "--size") if size else None,
+                       [p.strip() for p in phases.split(",") if p.strip()], seed)
     with console.status("load test") as status:
         result = run_loadtest(url, opts, progress=lambda msg: status.update(msg))
     table = Table(title=f"{lit(url)}: streams at {fps:g} fps, {seconds:g} s each, {refs} refs ({result.frame_source})")
-    for col in ("mode", "streams", "fps/stream (min)", "p50 ms", "p90 ms", "p99 ms", "late", "dropped", "errors",
+    for col in ("mode", "phases", "streams", "fps/stream (min)", "p50 ms", "p90 ms", "p99 ms", "late", "dropped", "errors",
                 "recovered", "server KV MB", "keeps up"):
         table.add_column(col, justify="left" if col == "mode" else "right")
     for r in result.rows:
-        table.add_row(r.mode, str(r.streams), f"{r.fps_min:.1f}", f"{r.p50_ms:.1f}", f"{r.p90_ms:.1f}", f"{r.p99_ms:.1f}",
+        table.add_row(r.mode, r.phases or "-", str(r.streams), f"{r.fps_min:.1f}", f"{r.p50_ms:.1f}", f"{r.p90_ms:.1f}", f"{r.p99_ms:.1f}",
                       str(r.late), str(r.dropped), str(r.errors), str(r.recoveries),
                       f"{r.server_kv_mb:.1f}" if r.mode == "server" else "-", "[green]yes[/]" if r.keeps_up else "[red]no[/]")
     console.print(table)
     for r in result.rows:
         if r.first_error:
             console.print(f"{r.streams} stream(s): first error: {r.first_error}", markup=False, highlight=False)
-    console.print(f"largest stream count that keeps {fps:g} fps with p99 under {1e3 / fps:.0f} ms: [bold]{result.max_streams}[/]")
+    console.print(f"largest stream count that keeps {fps:g} fps with p99 under {1e3 / fps:.0f} ms ({opts.phases[0]} phases): "
+                  f"[bold]{result.max_streams}[/]")
     if result.overhead is not None:
         console.print(f"serving overhead at 1 stream (server p50 / in-process p50): [bold]{result.overhead:.2f}x[/]")
     if json_out is not None:

@@ -25,6 +25,10 @@ from gemx.errors import GemxError
 from gemx.frames import sample_frames
 
 KEEPS_UP = 0.95  # a stream keeps the target when it achieves at least this share of it
+# When each call's frame clock starts within one frame interval. Real calls start at unrelated moments: jittered
+# (call k of S at (k + u)/S of the interval, u uniform and seeded) is the headline; evenly spread (k/S) is the best
+# case for a server that runs one frame at a time, all aligned (every call at 0) the worst.
+PHASES = ("jittered", "even", "aligned")
 CLIP_FRAMES = 64  # frames each simulated call draws its references and targets from
 
 
@@ -37,8 +41,12 @@ class LoadOptions:
     video: Path | None = None  # an HR video to draw references and targets from (synthetic frames without one)
     repo: Path | None = None  # the repository the server serves: adds the in-process row
     size: tuple[int, int] | None = None  # HR (height, width) of every call; default: the model's training size
+    phases: list[str] = field(default_factory=lambda: ["jittered"])  # see PHASES; the first decides max_streams
+    seed: int = 0  # of the jittered phases
 
     def __post_init__(self) -> None:
+        if not self.phases or any(p not in PHASES for p in self.phases):
+            raise GemxError(f"--phases takes {', '.join(PHASES)}, got {', '.join(self.phases) or 'nothing'}")
         if not self.streams or min(self.streams) < 1:
             raise GemxError(f"--streams must be positive integers, got {self.streams}")
         if not self.fps > 0 or not self.seconds > 0:
@@ -73,6 +81,7 @@ class LoadRow:
     keeps_up: bool
     first_error: str = ""
     recoveries: int = 0  # streams healed by re-sending their references (eviction, a replica lost behind a balancer)
+    phases: str = ""  # of a server row: how the calls' frame clocks were placed in the interval (PHASES)
 
 
 @dataclass
@@ -86,8 +95,9 @@ class LoadResult:
 
     @property
     def max_streams(self) -> int:
-        """The largest stream count at which every stream kept up (0 if none did)."""
-        return max((r.streams for r in self.rows if r.mode == "server" and r.keeps_up), default=0)
+        """The largest stream count at which every stream kept up (0 if none did), with the first phases asked."""
+        headline = next((r.phases for r in self.rows if r.mode == "server"), "")
+        return max((r.streams for r in self.rows if r.mode == "server" and r.phases == headline and r.keeps_up), default=0)
 
     @property
     def overhead(self) -> float | None:
@@ -111,16 +121,27 @@ def loadtest(url: str, opts: LoadOptions, progress: Callable[[str], None] = lamb
     if opts.repo is not None:
         progress("1 stream in this process (no server)")
         rows.append(_in_process_row(opts, frames, contract))
-    for s in opts.streams:
-        progress(f"{s} concurrent stream(s) at {opts.fps:g} fps for {opts.seconds:g} s")
-        rows.append(_server_row(url, s, opts, frames, contract.config.scale))
+    for phases in opts.phases:
+        for s in opts.streams:
+            progress(f"{s} concurrent stream(s) at {opts.fps:g} fps for {opts.seconds:g} s, {phases} phases")
+            rows.append(_server_row(url, s, opts, frames, contract.config.scale, phases))
     return LoadResult(url, opts.fps, opts.seconds, opts.refs, source, rows)
 
 
-def _server_row(url: str, streams: int, opts: LoadOptions, frames: np.ndarray, scale: int) -> LoadRow:
+def phase_offsets(streams: int, fps: float, phases: str, seed: int = 0) -> list[float]:
+    """Seconds after the common start at which each call's frame clock starts, all within one frame interval."""
+    interval = 1 / fps
+    if phases == "aligned":
+        return [0.0] * streams
+    jitter = np.random.default_rng([seed, streams]).uniform(size=streams) if phases == "jittered" else np.zeros(streams)
+    return [float((k + u) / streams * interval) for k, u in enumerate(jitter)]
+
+
+def _server_row(url: str, streams: int, opts: LoadOptions, frames: np.ndarray, scale: int, phases: str) -> LoadRow:
     from gemx.serving.client import RemoteStream
 
     stats = [StreamStats() for _ in range(streams)]
+    offsets = phase_offsets(streams, opts.fps, phases, opts.seed)
     start = [0.0]
     # Set by the last call to arrive, before any is released: all clocks start from one instant.
     ready = threading.Barrier(streams + 1, action=lambda: start.__setitem__(0, time.monotonic() + 0.05))
@@ -133,9 +154,7 @@ def _server_row(url: str, streams: int, opts: LoadOptions, frames: np.ndarray, s
                 stream.set_references(refs)
                 stream(targets[0])  # connected, references encoded: the call is set up
                 ready.wait()
-                # Calls do not start in lockstep: spread their frame clocks over one interval.
-                offset = k / (streams * opts.fps)
-                _paced(lambda i: stream(targets[i % len(targets)]), start[0] + offset, opts, st)
+                _paced(lambda i: stream(targets[i % len(targets)]), start[0] + offsets[k], opts, st)
                 st.recoveries = stream.recoveries
                 st.server_kv_bytes = stream.server_kv_bytes
         except threading.BrokenBarrierError:
@@ -151,7 +170,9 @@ def _server_row(url: str, streams: int, opts: LoadOptions, frames: np.ndarray, s
         ready.wait(timeout=120)
     for t in threads:
         t.join(timeout=opts.seconds + 180)
-    return _row("server", opts, stats)
+    row = _row("server", opts, stats)
+    row.phases = phases
+    return row
 
 
 def _in_process_row(opts: LoadOptions, frames: np.ndarray, contract) -> LoadRow:

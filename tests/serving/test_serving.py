@@ -293,13 +293,29 @@ def test_a_server_restart_mid_stream_is_healed_by_the_client(server, local):
 
 
 def test_loadtest_reports_rows_and_the_serving_overhead(server, repo):
-    result = loadtest(server.grpc_url, LoadOptions([1, 2], fps=10, seconds=1.0, refs=2, repo=repo.path))
-    modes = [(r.mode, r.streams) for r in result.rows]
-    assert modes == [("in-process", 1), ("server", 1), ("server", 2)]
+    result = loadtest(server.grpc_url, LoadOptions([1, 2], fps=10, seconds=1.0, refs=2, repo=repo.path,
+                                                   phases=["jittered", "aligned"]))
+    modes = [(r.mode, r.phases, r.streams) for r in result.rows]
+    assert modes == [("in-process", "", 1), ("server", "jittered", 1), ("server", "jittered", 2), ("server", "aligned", 1),
+                     ("server", "aligned", 2)]
     for r in result.rows:
-        assert r.errors == 0 and r.p50_ms > 0 and r.p50_ms <= r.p99_ms
+        assert r.errors == 0 and r.p50_ms > 0
     assert result.rows[2].server_kv_mb > 0
     assert result.overhead is not None and result.overhead > 0
+    assert result.max_streams == max((r.streams for r in result.rows[1:3] if r.keeps_up), default=0)  # the headline: jittered
+
+
+def test_calls_start_at_seeded_jittered_even_or_aligned_phases():
+    from gemx.serving.loadtest import phase_offsets
+
+    interval = 1 / 25
+    jittered = phase_offsets(4, 25, "jittered", seed=3)
+    assert jittered == phase_offsets(4, 25, "jittered", seed=3) != phase_offsets(4, 25, "jittered", seed=4)
+    assert all(k / 4 * interval <= t < (k + 1) / 4 * interval for k, t in enumerate(jittered))  # one per slot, not on its edge
+    assert jittered != phase_offsets(4, 25, "even") == pytest.approx([0, 0.01, 0.02, 0.03])
+    assert phase_offsets(3, 25, "aligned") == [0, 0, 0]
+    with pytest.raises(GemxError, match="--phases takes jittered, even, aligned"):
+        LoadOptions([1], phases=["random"])
 
 
 @pytest.mark.data
