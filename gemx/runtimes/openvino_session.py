@@ -24,7 +24,7 @@ import numpy as np
 from gemx.errors import GemxError
 from gemx.exporter.contract import graph_precision
 from gemx.exporter.manifest import ExportDir
-from gemx.runtimes.base import Session, missing_backend
+from gemx.runtimes.base import Session
 from gemx.runtimes.cpu import bf16_native
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -44,7 +44,7 @@ def core():
     try:
         import openvino as ov
     except ImportError:
-        raise missing_backend("OpenVINO is not installed", "") from None
+        raise GemxError("OpenVINO is not installed; install it with: pip install openvino") from None
     return ov.Core()
 
 
