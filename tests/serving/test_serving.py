@@ -444,36 +444,24 @@ def test_an_int8_repository_serves_the_int8_graphs(tmp_path):
     path = export(tmp_path / "deep.pt", ExportOptions(out=tmp_path / "int8.export", max_refs=MAX_REFS, int8=True, calib=[video])).path
     keys = [s.dtype for s in read_export_dir(path).contract("int8").kv if s.name.startswith("key_")]
     assert keys == ["float32", "float32", "int8"]
-    repo = write_repository(path, tmp_path / "repo", TritonOptions(precision="int8", max_refs=MAX_REFS, threads=1))
-    assert repo.manifest["precision"] == "int8"
     refs, lr = data(7)
-    with open_session("ort", path, "int8") as int8, open_session("ort", path) as fp32:
-        want, fp32_frames = [int8.decode(x, int8.encode(refs)) for x in lr], [fp32.decode(x, fp32.encode(refs)) for x in lr]
-    server = TritonServer(repo.path, grpc_port=free_port(), http_port=free_port(), log_path=tmp_path / "log")
-    server.start(timeout_s=90)
-    try:
-        with RemoteStream(server.grpc_url) as stream:
-            stream.set_references(refs)
-            for x, w, f in zip(lr, want, fp32_frames, strict=True):
-                got = stream(x)
-                np.testing.assert_allclose(got, w, atol=1e-5)
-                assert INT8_PSNR_GOAL < psnr_db(got, f) < 100
-    finally:
-        server.stop()
-    if not runtime_available("openvino")[0]:
-        return
-    # `gemx triton --runtime openvino --precision int8`: the same QDQ graphs in OpenVINO's int8 kernels inside the server
-    repo = write_repository(path, tmp_path / "ov", TritonOptions(runtime="openvino", precision="int8", max_refs=MAX_REFS, threads=1))
-    with open_session("openvino", path, "int8", threads=1) as ov:
-        want = [ov.decode(x, ov.encode(refs)) for x in lr]
-    server = TritonServer(repo.path, grpc_port=free_port(), http_port=free_port(), log_path=tmp_path / "ov.log")
-    server.start(timeout_s=90)
-    try:
-        with RemoteStream(server.grpc_url) as stream:
-            stream.set_references(refs)
-            for x, w, f in zip(lr, want, fp32_frames, strict=True):
-                got = stream(x)
-                np.testing.assert_allclose(got, w, atol=1e-5)
-                assert INT8_PSNR_GOAL < psnr_db(got, f) < 100
-    finally:
-        server.stop()
+    with open_session("ort", path) as fp32:
+        fp32_frames = [fp32.decode(x, fp32.encode(refs)) for x in lr]
+    # `gemx triton --precision int8`, then `--runtime openvino`: the same QDQ graphs in OpenVINO's int8 kernels
+    for runtime in ("ort", "openvino") if runtime_available("openvino")[0] else ("ort",):
+        repo = write_repository(path, tmp_path / runtime, TritonOptions(runtime=runtime, precision="int8", max_refs=MAX_REFS,
+                                                                        threads=1))
+        assert repo.manifest["precision"] == "int8"
+        with open_session(runtime, path, "int8", threads=1) as int8:
+            want = [int8.decode(x, int8.encode(refs)) for x in lr]
+        server = TritonServer(repo.path, grpc_port=free_port(), http_port=free_port(), log_path=tmp_path / f"{runtime}.log")
+        server.start(timeout_s=90)
+        try:
+            with RemoteStream(server.grpc_url) as stream:
+                stream.set_references(refs)
+                for x, w, f in zip(lr, want, fp32_frames, strict=True):
+                    got = stream(x)
+                    np.testing.assert_allclose(got, w, atol=1e-5)
+                    assert INT8_PSNR_GOAL < psnr_db(got, f) < 100
+        finally:
+            server.stop()
