@@ -38,6 +38,14 @@ PRECISIONS = ("fp32", "fp16", "int8")  # int8: QDQ graphs with float frames in a
 COMPUTE_PRECISIONS = {"bf16": "fp32"}
 
 
+def within(size: tuple[int, int], largest: tuple[int, int]) -> bool:
+    """Whether frames of `size` (height, width) fit the largest validated size in either orientation: nothing in the
+    graphs depends on which side is longer (their shape arithmetic reads both, and a frame and its transpose cost the
+    same), so 1920x1088 also validates a phone's portrait 1088x1920."""
+    (short, long), (short_max, long_max) = sorted(size), sorted(largest)
+    return short <= short_max and long <= long_max
+
+
 def graph_precision(precision: str) -> str:
     """Which of an export's graphs a session of `precision` runs."""
     return COMPUTE_PRECISIONS.get(precision, precision)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from gemx.errors import GemxError
-from gemx.exporter.contract import Contract
+from gemx.exporter.contract import Contract, within
 from gemx.frames import as_array
 
 # Resampled frames overshoot [0, 1] a little (bicubic ringing); 0-255 pixels are far outside.
@@ -115,9 +115,10 @@ class Session(ABC):
         if not self.contract.any_size and tuple(size) != padded:
             raise GemxError(f"{what} must be {padded[1]}x{padded[0]} for this {self.contract.config.arch} model "
                             f"(it attends over the whole frame), got {size[1]}x{size[0]}")
-        if self.max_size and (padded[0] > self.max_size[0] or padded[1] > self.max_size[1]):
+        if self.max_size and not within(padded, self.max_size):
             raise GemxError(f"{what} of {size[1]}x{size[0]} exceed the largest size this export was validated at, "
-                            f"{self.max_size[1]}x{self.max_size[0]}; re-export with --max-size {size[1]}x{size[0]}")
+                            f"{self.max_size[1]}x{self.max_size[0]} (either orientation); re-export with --max-size "
+                            f"{size[1]}x{size[0]}")
         return padded
 
     def _check_cache(self, kv: Any) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gemx.errors import GemxError, check_positive
+from gemx.exporter.contract import within
 from gemx.exporter.manifest import TIMING_CACHE, ExportDir, read_export_dir, sha256
 from gemx.frames import sample_frames
 from gemx.fs import atomic_dir, atomic_write, refuse_foreign
@@ -259,7 +260,7 @@ def engine_sizes(export: ExportDir, opts: BuildOptions) -> dict[str, tuple[int, 
         if size[0] > largest[0] or size[1] > largest[1]:
             raise GemxError(f"{name} {size[1]}x{size[0]} is above the engine's largest size {largest[1]}x{largest[0]}; "
                             "raise --max-size (re-export with a larger --max-size if it is above the export's)")
-    if export.max_size and (largest[0] > export.max_size[0] or largest[1] > export.max_size[1]):
+    if export.max_size and not within(largest, export.max_size):
         raise GemxError(f"--max-size {largest[1]}x{largest[0]} is above the {export.max_size[1]}x{export.max_size[0]} "
                         f"the export was validated at; re-export with --max-size {largest[1]}x{largest[0]}")
     return {"min": low, "opt": opt, "max": largest}

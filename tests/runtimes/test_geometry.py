@@ -62,7 +62,12 @@ def test_a_session_refuses_a_frame_of_another_size_and_a_size_above_the_export(t
         with pytest.raises(GemxError, match=r"target_lr is 16x16 but its references are 96x64: send frames of the "
                                             r"references' size over the scale 4 \(24x16\)"):
             s(rect(1, 16, 16, seed=6))
-        with pytest.raises(GemxError, match="exceed the largest size this export was validated at, 1920x1088; "
-                                            "re-export with --max-size 1984x64"):
+        with pytest.raises(GemxError, match=r"exceed the largest size this export was validated at, 1920x1088 \(either "
+                                            r"orientation\); re-export with --max-size 1984x64"):
             s.set_references(rect(1, 64, 1984, seed=7))
+        with pytest.raises(GemxError, match="re-export with --max-size 64x1984"):  # portrait: its long side is too long
+            s.set_references(rect(1, 1984, 64, seed=7))
+        with pytest.raises(GemxError, match="re-export with --max-size 1152x1152"):  # both sides fit alone, not together
+            s.kv_bytes(1, (1152, 1152))
+        assert s.kv_bytes(1, (1920, 1088)) == s.kv_bytes(1, (1088, 1920))  # a phone's portrait 1080p is validated too
         assert s(rect(1, 16, 24, seed=8)).shape == (1, 3, 64, 96)  # the stream goes on at its own size
