@@ -124,6 +124,8 @@ def build(
     sizes: Annotated[str | None, typer.Option(help="frame sizes TensorRT tunes for, WxH,... (the first is its optimum; "
                                                    "default: the training size)")] = None,
     max_size: Annotated[str | None, typer.Option(help="largest frame an engine takes, WxH (default: the export's)")] = None,
+    max_batch: Annotated[int, typer.Option(help="most frames of different streams one TensorRT frame run takes "
+                                                "(a server's --max-batch)")] = 1,
     force: Annotated[bool, typer.Option("--force", help="replace an existing build")] = False,
 ):
     """Build TensorRT engines (GPU), ORT-optimized CPU graphs, or OpenVINO compiled models, then check their accuracy
@@ -133,7 +135,7 @@ def build(
 
     size_list = [_size(t.strip(), "--sizes") for t in sizes.split(",") if t.strip()] if sizes else []
     opts = BuildOptions(fp16, int8, bf16, runtime, refs_min, refs_opt, refs_max, timing_cache, force, frames, size_list,
-                        _size(max_size, "--max-size") if max_size else None)
+                        _size(max_size, "--max-size") if max_size else None, max_batch)
     with console.status("building") as status:
         result = run_build(export_dir, opts, progress=lambda msg: status.update(msg))
     if result.target == "ort-cpu" and runtime is None:

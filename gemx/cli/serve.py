@@ -28,17 +28,24 @@ def triton(
     idle_timeout: Annotated[float, typer.Option(help="seconds without frames after which a stream is dropped")] = 60.0,
     threads: Annotated[int | None, typer.Option(help="CPU threads of the model's session")] = None,
     instances: Annotated[int, typer.Option(help="model instances (each with its own session and streams)")] = 1,
+    max_batch: Annotated[int, typer.Option(help="frames of different streams per model execution (1: one at a time)")] = 1,
+    queue_delay_us: Annotated[int | None, typer.Option(help="microseconds a batch may wait to fill (default: 0 on a CPU, "
+                                                            "2000 on a GPU)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing repository")] = False,
 ):
     """Write a Triton model repository: one stateful model holding each stream's key/value cache."""
     from gemx.serving.repository import TritonOptions, write_repository
 
-    opts = TritonOptions(runtime, precision, max_refs, max_streams, kv_budget_mb, idle_timeout, threads, instances, force)
+    opts = TritonOptions(runtime=runtime, precision=precision, max_refs=max_refs, max_streams=max_streams,
+                         kv_budget_mb=kv_budget_mb, idle_timeout_s=idle_timeout, threads=threads, instances=instances,
+                         max_batch=max_batch, queue_delay_us=queue_delay_us, force=force)
     repo = write_repository(export_dir, out, opts)
-    limits = repo.manifest["limits"]
+    limits, batching = repo.manifest["limits"], repo.manifest["batching"]
+    batches = (f", frames of up to {batching['max_batch']} streams per execution (waiting at most "
+               f"{batching['queue_delay_us']} us)" if batching["max_batch"] > 1 else "")
     console.print(f"wrote [bold]{lit(repo.path)}[/]: model gemx on {opts.runtime} {opts.precision}, up to {limits['max_refs']} "
                   f"references and {limits['max_streams']} open streams, {limits['kv_budget_mb']:g} MB of keys/values "
-                  f"({repo.manifest['kv_bytes_per_reference'] / 2**20:.1f} MB per reference)", highlight=False)
+                  f"({repo.manifest['kv_bytes_per_reference'] / 2**20:.1f} MB per reference){batches}", highlight=False)
     console.print(f"serve it with: gemx serve {repo.path}", highlight=False, markup=False)
 
 
@@ -132,7 +139,8 @@ def stream(
 
 @command
 def loadtest(
-    url: Annotated[str, typer.Argument(help="gRPC address of a gemx server, e.g. 127.0.0.1:8001")],
+    urls: Annotated[list[str], typer.Argument(help="gRPC address of a gemx server, e.g. 127.0.0.1:8001; several (say, "
+                                                   "unbatched and batched) are measured in one run, rows interleaved")],
     streams: Annotated[str, typer.Option(help="concurrent stream counts to try")] = "1,2,4",
     fps: Annotated[float, typer.Option(help="frames per second each stream sends")] = 25.0,
     seconds: Annotated[float, typer.Option(help="how long each row runs")] = 10.0,
@@ -154,28 +162,32 @@ def loadtest(
     opts = LoadOptions(_int_list(streams, "--streams"), fps, seconds, refs, video, repo, _size(size, "--size") if size else None,
                        [p.strip() for p in phases.split(",") if p.strip()], seed)
     with console.status("load test") as status:
-        result = run_loadtest(url, opts, progress=lambda msg: status.update(msg))
-    table = Table(title=f"{lit(url)}: streams at {fps:g} fps, {seconds:g} s each, {refs} refs ({result.frame_source})")
-    for col in ("mode", "phases", "streams", "fps/stream (min)", "p50 ms", "p90 ms", "p99 ms", "late", "dropped", "errors",
-                "recovered", "server KV MB", "keeps up"):
-        table.add_column(col, justify="left" if col == "mode" else "right")
+        result = run_loadtest(urls, opts, progress=lambda msg: status.update(msg))
+    table = Table(title=f"streams at {fps:g} fps, {seconds:g} s each, {refs} refs ({result.frame_source})")
+    for col in ("server", "phases", "streams", "fps/stream (min)", "p50 ms", "p90 ms", "p99 ms", "late", "dropped", "errors",
+                "recovered", "server KV MB", "exec/s", "mean batch", "keeps up"):
+        table.add_column(col, justify="left" if col == "server" else "right")
     for r in result.rows:
-        table.add_row(r.mode, r.phases or "-", str(r.streams), f"{r.fps_min:.1f}", f"{r.p50_ms:.1f}", f"{r.p90_ms:.1f}", f"{r.p99_ms:.1f}",
-                      str(r.late), str(r.dropped), str(r.errors), str(r.recoveries),
-                      f"{r.server_kv_mb:.1f}" if r.mode == "server" else "-", "[green]yes[/]" if r.keeps_up else "[red]no[/]")
+        server = r.mode == "server"
+        table.add_row(lit(r.server) if server else r.mode, r.phases or "-", str(r.streams), f"{r.fps_min:.1f}", f"{r.p50_ms:.1f}",
+                      f"{r.p90_ms:.1f}", f"{r.p99_ms:.1f}", str(r.late), str(r.dropped), str(r.errors), str(r.recoveries),
+                      f"{r.server_kv_mb:.1f}" if server else "-", f"{r.executions_per_s:.1f}" if server else "-",
+                      f"{r.mean_batch:.2f}" if server else "-", "[green]yes[/]" if r.keeps_up else "[red]no[/]")
     console.print(table)
     for r in result.rows:
         if r.first_error:
-            console.print(f"{r.streams} stream(s): first error: {r.first_error}", markup=False, highlight=False)
-    console.print(f"largest stream count that keeps {fps:g} fps with p99 under {1e3 / fps:.0f} ms ({opts.phases[0]} phases): "
-                  f"[bold]{result.max_streams}[/]")
+            console.print(f"{r.server or r.mode}, {r.streams} stream(s): first error: {r.first_error}", markup=False, highlight=False)
+    for server in result.servers:
+        console.print(f"{lit(server)}: largest stream count that keeps {fps:g} fps with p99 under {1e3 / fps:.0f} ms "
+                      f"({opts.phases[0]} phases): [bold]{result.max_streams_of(server)}[/]")
     if result.overhead is not None:
         console.print(f"serving overhead at 1 stream (server p50 / in-process p50): [bold]{result.overhead:.2f}x[/]")
     if json_out is not None:
         from gemx.fs import atomic_write
 
-        data = {"url": url, "fps": fps, "seconds": seconds, "refs": refs, "size": size, "frames": result.frame_source,
-                "max_streams": result.max_streams, "overhead": result.overhead, "rows": [asdict(r) for r in result.rows]}
+        data = {"urls": urls, "fps": fps, "seconds": seconds, "refs": refs, "size": size, "frames": result.frame_source,
+                "max_streams": {s: result.max_streams_of(s) for s in result.servers}, "overhead": result.overhead,
+                "rows": [asdict(r) for r in result.rows]}
         atomic_write(json_out, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"), overwrite=force)
         console.print(f"wrote {json_out}", markup=False, highlight=False)
 

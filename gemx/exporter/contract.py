@@ -15,10 +15,15 @@ Key/value layout, per attention level i (M = blocks per frame, BB = tokens per b
 Both keep `refs` in a dimension of its own, beside BB: the frame graph merges the two by a free reshape, so per
 frame only the target's queries are re-laid out (see `gemx.model.network`).
 
-Spatial axes are symbolic: `references [refs, 3, height, width]`, `target_lr [1, 3, lr_height, lr_width]`,
-`frame_hr [1, 3, height, width]`, and the caches' first axis `blocks_i` = blocks of level i in a frame of that
+Spatial axes are symbolic: `references [refs, 3, height, width]`, `target_lr [batch, 3, lr_height, lr_width]`,
+`frame_hr [batch, 3, height, width]`, and the caches' first axis `blocks_i` = blocks of level i in a frame of that
 size. Height and width are multiples of the grid (the coarsest attention block in pixels, 64 for the shipped
 model) up to the largest size the export validated; `gemx.runtimes` pads other sizes to the grid.
+
+The frame graph runs a batch of frames of different streams, each against its own stream's cache: the frame
+graph's caches are the batch's caches stacked on their first axis, stream after stream (`batch_blocks_i` = batch x
+blocks_i), in the order of the frames in `target_lr`. Streams in one batch share a frame size and a reference
+count; a cache is encoded per stream (the reference encoder has no batch axis: its `refs` is one stream's).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from gemx.errors import GemxError
 from gemx.model.config import ModelConfig
 
 REFS = "refs"
+BATCH = "batch"  # frames of different streams in one frame-graph run
 HEIGHT, WIDTH = "height", "width"  # of the HR frame and references
 LR_HEIGHT, LR_WIDTH = "lr_height", "lr_width"  # of the LR target: the HR size over the scale
 DEFAULT_MAX_SIZE = (1088, 1920)  # (height, width) validated by default: 1080p on a 64-pixel grid
@@ -50,6 +56,7 @@ def graph_precision(precision: str) -> str:
     """Which of an export's graphs a session of `precision` runs."""
     return COMPUTE_PRECISIONS.get(precision, precision)
 INT8_KEY_MIN_CHANNELS = 64  # keys of fewer channels stay float32 in the INT8 contract (see the layout above)
+VALIDATE_BATCH = 3  # streams an export runs through the frame graph at once, checked against one by one
 MAX_REFS = 64  # the most references an export validates (the paper measures up to 10)
 
 
@@ -94,13 +101,24 @@ class Contract:
 
     @property
     def kv(self) -> tuple[TensorSpec, ...]:
-        """Key and value specs, interleaved per level: key_i, value_i, ..."""
+        """Key and value specs of one stream, interleaved per level: key_i, value_i, ... (the reference encoder's
+        outputs; the frame graph takes a batch's, see `batch_kv`)."""
+        return self._kv(batched=False)
+
+    @property
+    def batch_kv(self) -> tuple[TensorSpec, ...]:
+        """The frame graph's key and value inputs: the caches of a batch's streams stacked on the first axis."""
+        return self._kv(batched=True)
+
+    def _kv(self, batched: bool) -> tuple[TensorSpec, ...]:
         cfg, specs = self.config, []
         value_dtype = {"fp16": "float16", "int8": "int8"}.get(self.precision, "float32")
         for i in cfg.attention_levels:
             b, c = cfg.block_at(i), cfg.channels[i]
             key_dtype = "int8" if self.precision == "int8" and c >= INT8_KEY_MIN_CHANNELS else "float32"
             m = f"blocks_{i}" if self.any_size else 1
+            if batched:
+                m = f"{BATCH}_{m}" if self.any_size else BATCH
             specs.append(TensorSpec(f"key_{i}", (m, c, REFS, b * b), key_dtype))
             specs.append(TensorSpec(f"value_{i}", (m, REFS, b * b, c), value_dtype))
         return tuple(specs)
@@ -122,8 +140,8 @@ class Contract:
         lh, lw = (LR_HEIGHT, LR_WIDTH) if self.any_size else (self.config.lr_size, self.config.lr_size)
         return GraphSpec(
             "frame",
-            (TensorSpec("target_lr", (1, 3, lh, lw), "float32"), *self.kv),
-            (TensorSpec("frame_hr", (1, 3, h, w), "float32"),),
+            (TensorSpec("target_lr", (BATCH, 3, lh, lw), "float32"), *self.batch_kv),
+            (TensorSpec("frame_hr", (BATCH, 3, h, w), "float32"),),
         )
 
     @property
@@ -141,18 +159,19 @@ class Contract:
         g = self.grid
         return tuple(-(-side // g) * g for side in size)
 
-    def dims(self, size: tuple[int, int] | None = None) -> dict[str, int]:
-        """The spatial symbols at an HR size on the grid (height, width; default: the training size)."""
+    def dims(self, size: tuple[int, int] | None = None, batch: int = 1) -> dict[str, int]:
+        """The symbols at an HR size on the grid (height, width; default: the training size) and a batch size."""
         h, w = size or self.default_size
         cfg = self.config
-        dims = {HEIGHT: h, WIDTH: w, LR_HEIGHT: h // cfg.scale, LR_WIDTH: w // cfg.scale}
+        dims = {BATCH: batch, HEIGHT: h, WIDTH: w, LR_HEIGHT: h // cfg.scale, LR_WIDTH: w // cfg.scale}
         for i in cfg.attention_levels:
             b = cfg.block_at(i)
             dims[f"blocks_{i}"] = ((h >> (i + 1)) // b) * ((w >> (i + 1)) // b)
+            dims[f"{BATCH}_blocks_{i}"] = batch * dims[f"blocks_{i}"]
         return dims
 
-    def shape(self, spec: TensorSpec, refs: int, size: tuple[int, int] | None = None) -> tuple[int, ...]:
-        return spec.concrete(refs, self.dims(size))
+    def shape(self, spec: TensorSpec, refs: int, size: tuple[int, int] | None = None, batch: int = 1) -> tuple[int, ...]:
+        return spec.concrete(refs, self.dims(size, batch))
 
     @property
     def graphs(self) -> tuple[GraphSpec, GraphSpec]:

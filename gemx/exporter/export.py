@@ -17,7 +17,7 @@ import onnx
 import torch
 
 from gemx.errors import GemxError, check_positive
-from gemx.exporter.contract import DEFAULT_MAX_SIZE, MAX_REFS, Contract
+from gemx.exporter.contract import DEFAULT_MAX_SIZE, MAX_REFS, VALIDATE_BATCH, Contract
 from gemx.exporter.graphs import FrameGraph, ReferenceEncoderGraph
 from gemx.exporter.manifest import WRITTEN_LATER, graph_entry, is_export, new_manifest, sha256, write_manifest
 from gemx.exporter.onnx_export import DEFAULT_OPSET, check_opset, export_graph, strip_build_metadata
@@ -36,7 +36,14 @@ from gemx.exporter.quantize import (
     shipped_ranges_path,
 )
 from gemx.exporter.trt_check import TrtReport, check_tensorrt_compat
-from gemx.exporter.validate import FP32_TOLERANCE, INT8_PSNR_GOAL, ParityRow, check_parity
+from gemx.exporter.validate import (
+    BATCH_TOLERANCE,
+    FP32_TOLERANCE,
+    INT8_PSNR_GOAL,
+    ParityRow,
+    check_batch,
+    check_parity,
+)
 from gemx.frames import sample_frames
 from gemx.fs import atomic_dir, atomic_write, check_target
 from gemx.model.checkpoint import Checkpoint, load_checkpoint
@@ -122,6 +129,7 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
             if max_size is not None and precision == "fp32":
                 progress(f"running the graphs at the largest size, {max_size[1]}x{max_size[0]}")
                 _check_largest(contract, paths, max_size)
+            batch_error = _checked_batch(paths, contract, frames)
             result.parity[precision] = rows
             if not all(math.isfinite(r.max_abs_error) for r in rows):
                 raise GemxError(f"the {precision} graphs produce NaN or Inf on real frames; export refused")
@@ -133,6 +141,7 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
                            for spec, path, proto in zip(contract.graphs, paths, protos, strict=True)},
                 "parity": [vars(r) for r in rows],
                 "parity_against": "pytorch" if precision == "fp32" else "fp32 graphs",
+                "batch_max_abs_error": batch_error,
             }
         if opts.int8:
             _export_int8(Contract(cfg), tmp, calib, ckpt_sha, frames, refs_list, model, result, opts, progress)
@@ -185,6 +194,7 @@ def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, 
         "graphs": {spec.name: graph_entry(spec, path, proto) for spec, path, proto in zip(int8.graphs, paths, protos, strict=True)},
         "parity": [vars(r) for r in rows],
         "parity_against": "fp32 graphs",
+        "batch_max_abs_error": _checked_batch(paths, int8, frames),
         "quantization": {
             "method": METHOD, "format": "QDQ",
             "activations": "int8, symmetric per tensor (zero point 0)", "weights": "int8, symmetric per output channel",
@@ -212,8 +222,8 @@ def _export_pair(model: GeminoAttention, contract: Contract, out: Path, opts: Ex
                  frames: torch.Tensor) -> list[onnx.ModelProto]:
     enc_spec, frame_spec = contract.graphs
     encoder = ReferenceEncoderGraph(model, contract)
-    enc = export_graph(encoder, lambda size: (_example_refs(frames, size),), enc_spec, [0], opts.max_refs, opts.opset,
-                       out / enc_spec.file(contract.precision), trace_sizes(contract))
+    enc = export_graph(encoder, lambda point: (_example_refs(frames, point[1:]),), enc_spec, [0], opts.max_refs,
+                       opts.opset, out / enc_spec.file(contract.precision), trace_points(contract, batched=False))
     return [enc, _export_frame(model, contract, out / frame_spec.file(contract.precision), opts, frames)]
 
 
@@ -254,11 +264,23 @@ def _check_largest(contract: Contract, paths: tuple[Path, ...], max_size: tuple[
                         "export refused")
 
 
-def trace_sizes(contract: Contract) -> tuple[tuple[int, int], ...]:
-    """The sizes graphs are traced at: two whose height, width and area ratios differ (then the graphs take any
-    size on the grid, see `gemx.exporter.spatial`), or the training size alone for a fixed-size contract."""
+def _checked_batch(paths: tuple[Path, ...], contract: Contract, frames: torch.Tensor) -> float:
+    """The frame graph's batch axis, checked: streams run together give each its own frame (refused otherwise)."""
+    error = check_batch(paths, contract, frames)
+    if not error <= BATCH_TOLERANCE:
+        raise GemxError(f"the {contract.precision} frame graph gives {error:.2e} different frames in a batch of "
+                        f"{VALIDATE_BATCH} streams than one by one (> {BATCH_TOLERANCE}); export refused")
+    return error
+
+
+def trace_points(contract: Contract, batched: bool) -> tuple[tuple[int, int, int], ...]:
+    """The (batch, height, width) points a graph is traced at (see `gemx.exporter.spatial`): two sizes whose height,
+    width and area ratios differ (then the graphs take any size on the grid; a fixed-size contract keeps its
+    training size), and for the frame graph a batch of 2 beside 1 (it runs frames of several streams at once)."""
     g = contract.grid
-    return ((2 * g, 3 * g), (3 * g, 5 * g)) if contract.any_size else (contract.default_size,)
+    sizes = ((2 * g, 3 * g), (3 * g, 5 * g)) if contract.any_size else (contract.default_size,)
+    points = tuple((1, *size) for size in sizes)
+    return (*points, (2, *sizes[0])) if batched else points
 
 
 def _example_refs(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -270,15 +292,18 @@ def _example_refs(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _export_frame(model: GeminoAttention, contract: Contract, path: Path, opts: ExportOptions, frames: torch.Tensor,
                   subpixel_head: bool = False) -> onnx.ModelProto:
-    def example(size: tuple[int, int]) -> tuple:
+    def example(point: tuple[int, int, int]) -> tuple:
+        batch, size = point[0], point[1:]
         refs = _example_refs(frames, size)
+        sets = [refs.roll(k, dims=0) for k in range(batch)]  # each stream its own cache (the same frames in another order)
         with torch.no_grad():
-            kv = ReferenceEncoderGraph(model, contract)(refs)
-        return torch.nn.functional.avg_pool2d(refs[:1], contract.config.scale), kv
+            kv = [ReferenceEncoderGraph(model, contract)(r) for r in sets]
+        stacked = tuple(torch.cat(parts) for parts in zip(*kv, strict=True))
+        return torch.nn.functional.avg_pool2d(torch.cat([r[:1] for r in sets]), contract.config.scale), stacked
 
-    axes = [None] + [contract.refs_axis(s) for s in contract.kv]
-    return export_graph(FrameGraph(model, contract, subpixel_head), example, contract.graphs[1], axes,
-                        opts.max_refs, opts.opset, path, trace_sizes(contract), source_scale=contract.config.scale)
+    axes = [None] + [contract.refs_axis(s) for s in contract.batch_kv]
+    return export_graph(FrameGraph(model, contract, subpixel_head), example, contract.graphs[1], axes, opts.max_refs,
+                        opts.opset, path, trace_points(contract, batched=True), source_scale=contract.config.scale)
 
 
 def _simplify(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:

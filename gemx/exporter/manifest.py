@@ -11,7 +11,7 @@ import onnx
 
 import gemx
 from gemx.errors import GemxError
-from gemx.exporter.contract import Contract, GraphSpec
+from gemx.exporter.contract import VALIDATE_BATCH, Contract, GraphSpec
 from gemx.fs import atomic_write, json_field
 from gemx.model.config import ModelConfig
 
@@ -19,7 +19,7 @@ FORMAT = "gemx-export"
 VERSION = 1
 # What gemx writes for the same checkpoint and options; bumped whenever the graphs change (block layout,
 # quantization), so that an export cached by an older gemx is made again instead of measured as if current.
-GRAPHS_REVISION = 8
+GRAPHS_REVISION = 9
 MANIFEST = "manifest.json"
 # What runtimes write into an export after it was made (ONNX Runtime's TensorRT engine cache, TensorRT's timing
 # cache, `--runtime auto`'s measured choices): gemx's too, so `gemx export --force` may replace them with the rest.
@@ -182,6 +182,8 @@ def new_manifest(config: ModelConfig, params: int, opset: int, max_refs: int, va
         "model": {"config": config.to_dict(), "parameters": params, "checkpoint": source},
         "opset": opset,
         "refs": {"axis": "refs", "min": 1, "max": max_refs, "validated": validated},
+        # frames of several streams in one frame-graph run, checked against the same frames one by one
+        "batch": {"axis": "batch", "validated": VALIDATE_BATCH},
         "precisions": {},
     }
     if max_size is not None:  # graphs of any size on the grid, up to this one

@@ -1,9 +1,9 @@
 """Export one graph module to ONNX, named and shaped exactly as its contract says.
 
 torch.export traces with a symbolic `refs` dimension (exported from a 2-reference example: a
-1-reference example invites 0/1 specialisation) at two frame sizes, the dynamo ONNX exporter lowers both,
-`gemx.exporter.spatial` makes height and width symbolic from the pair, and the result is renamed to the
-contract, checked (onnx checker with shape inference) and saved atomically.
+1-reference example invites 0/1 specialisation) at a few (batch, height, width) points, the dynamo ONNX exporter
+lowers each, `gemx.exporter.spatial` makes batch, height and width symbolic from them, and the result is renamed
+to the contract, checked (onnx checker with shape inference) and saved atomically.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch.export import Dim
 
 from gemx.errors import GemxError
 from gemx.exporter.contract import REFS, GraphSpec
-from gemx.exporter.spatial import symbolic_spatial
+from gemx.exporter.spatial import Point, symbolic_axes
 from gemx.fs import atomic_write
 
 OPSETS = range(18, 24)  # what the dynamo exporter emits and ONNX Runtime 1.2x runs
@@ -35,20 +35,20 @@ def check_opset(opset: int) -> None:
         raise GemxError(f"opset {opset} is not supported; use an opset from {OPSETS.start} to {OPSETS.stop - 1} (default {DEFAULT_OPSET})")
 
 
-def export_graph(module: torch.nn.Module, example: Callable[[tuple[int, int]], tuple], spec: GraphSpec,
+def export_graph(module: torch.nn.Module, example: Callable[[Point], tuple], spec: GraphSpec,
                  refs_axes: list[int | None], max_refs: int, opset: int, path: Path,
-                 trace_sizes: tuple[tuple[int, int], ...], source_scale: int = 1) -> onnx.ModelProto:
-    """Trace `module(*example(size))` with the given refs axis per flat input, write `path`, return the proto.
+                 trace_points: tuple[Point, ...], source_scale: int = 1) -> onnx.ModelProto:
+    """Trace `module(*example(point))` with the given refs axis per flat input, write `path`, return the proto.
 
-    With two `trace_sizes` (HR height, width) the graph takes any size (`gemx.exporter.spatial`); its first input
-    is the one whose height and width are read, at the HR size over `source_scale`."""
+    With several `trace_points` (batch, HR height, width) the graph takes every batch and size they tell apart
+    (`gemx.exporter.spatial`); its first input is the one whose shape is read, at the HR size over `source_scale`."""
     check_opset(opset)
-    key = _fingerprint(module, spec, refs_axes, max_refs, opset, trace_sizes, source_scale)
+    key = _fingerprint(module, spec, refs_axes, max_refs, opset, trace_points, source_scale)
     if key in _TRACED:
         _TRACED.move_to_end(key)
         proto = onnx.ModelProto.FromString(_TRACED[key])
     else:
-        proto = _symbolic_graph(module, example, spec, refs_axes, max_refs, opset, trace_sizes, source_scale)
+        proto = _symbolic_graph(module, example, spec, refs_axes, max_refs, opset, trace_points, source_scale)
         _TRACED[key] = proto.SerializeToString()
         while len(_TRACED) > _TRACED_KEPT:
             _TRACED.popitem(last=False)
@@ -76,18 +76,17 @@ def _fingerprint(module: torch.nn.Module, *decides) -> str:
     return h.hexdigest()
 
 
-def _symbolic_graph(module: torch.nn.Module, example: Callable[[tuple[int, int]], tuple], spec: GraphSpec,
-                    refs_axes: list[int | None], max_refs: int, opset: int, trace_sizes: tuple[tuple[int, int], ...],
+def _symbolic_graph(module: torch.nn.Module, example: Callable[[Point], tuple], spec: GraphSpec,
+                    refs_axes: list[int | None], max_refs: int, opset: int, trace_points: tuple[Point, ...],
                     source_scale: int) -> onnx.ModelProto:
-    protos = [_trace(module, example(size), refs_axes, max_refs, opset) for size in trace_sizes]
+    protos = [_trace(module, example(point), refs_axes, max_refs, opset) for point in trace_points]
     proto = protos[0]
-    if len(protos) == 2:
-        (ha, wa), (hb, wb) = trace_sizes
+    if len(protos) > 1:
         k = source_scale
-        proto = symbolic_spatial(protos[0], protos[1], proto.graph.input[0].name, (ha // k, wa // k), (hb // k, wb // k))
+        proto = symbolic_axes(protos, [(n, h // k, w // k) for n, h, w in trace_points], proto.graph.input[0].name)
         del proto.graph.value_info[:]  # shapes at the first trace's size: inferred again below, symbolically
     conform_to_contract(proto, spec)
-    if len(protos) == 2:
+    if len(protos) > 1:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     return proto
 

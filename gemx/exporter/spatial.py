@@ -1,17 +1,20 @@
-"""Symbolic height and width from two fixed-size traces.
+"""Symbolic batch, height and width from fixed-size traces.
 
-Tracing with symbolic spatial sizes makes torch.export reason about every shape in sympy: on the tiny model it
-took 5-10x the time of a fixed-size trace (33 s against 6 for the reference encoder). The network is fully
-convolutional, so a fixed-size graph differs from any other size's only in the integer constants that lay out
-blocks (Reshape shapes: blocks per row and column, blocks per frame). gemx therefore traces each graph at two sizes
-whose height, width and area ratios all differ, checks that the two graphs are the same but for such constants,
-and rewrites every constant that differs as what it is: a fixed rational multiple of the input's height, its
-width, or both, computed from the graph input's shape at run time. Anything else that differs is refused.
+Tracing with symbolic sizes makes torch.export reason about every shape in sympy: on the tiny model it took 5-10x
+the time of a fixed-size trace (33 s against 6 for the reference encoder). The network is fully convolutional and
+batches frame by frame, so a fixed-size graph differs from another size's only in the integer constants that lay
+out blocks (Reshape shapes: blocks per row and column, blocks per frame, frames per batch). gemx therefore traces
+each graph at a few points (batch, height, width) chosen so that every product of the three changes differently
+between them, checks that the graphs are the same but for such constants, and rewrites every constant that
+differs as what it is: a fixed rational multiple of the input's batch, height, width or a product of them,
+computed from the graph input's shape at run time. Anything else that differs is refused.
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
+from itertools import combinations
+from math import prod
 
 import numpy as np
 import onnx
@@ -19,39 +22,47 @@ from onnx import helper, numpy_helper
 
 from gemx.errors import GemxError
 
-H_AXIS, W_AXIS = 2, 3  # of the graph input the sizes are read from (NCHW)
+AXES = {"n": 0, "h": 2, "w": 3}  # of the graph input the sizes are read from (NCHW)
+# What a constant may be a multiple of, simplest first: products of the batch (n), height (h) and width (w).
+MONOMIALS = tuple("".join(c) for k in range(4) for c in combinations("nhw", k))
+
+Point = tuple[int, int, int]  # (batch, height, width) of the source input in one trace
 
 
-def symbolic_spatial(a: onnx.ModelProto, b: onnx.ModelProto, source: str, size_a: tuple[int, int],
-                     size_b: tuple[int, int]) -> onnx.ModelProto:
-    """`a` with every size-dependent integer constant computed from `source`'s height and width.
+def symbolic_axes(protos: list[onnx.ModelProto], points: list[Point], source: str) -> onnx.ModelProto:
+    """The first graph with every size-dependent integer constant computed from `source`'s batch, height and width.
 
-    `a` and `b` are the same graph traced with `source` of spatial size `size_a` and `size_b`. They are compared
-    node by node and input by input, not by constant names: the exporter shares a constant between readers whose
-    values coincide at one size (the 8 blocks of a row and a channel count of 8), which the other size tells apart."""
-    ha, wa = size_a
-    hb, wb = size_b
-    if len({Fraction(hb, ha), Fraction(wb, wa), Fraction(hb * wb, ha * wa)}) < 3:
-        raise GemxError("internal: the two trace sizes must differ in height, width and area ratio")
+    `protos[k]` is the same graph traced with `source` of shape (batch, _, height, width) = `points[k]`. The
+    graphs are compared node by node and input by input, not by constant names: the exporter shares a constant
+    between readers whose values coincide at one size (the 8 blocks of a row and a channel count of 8), which
+    another size tells apart. An axis that no two points differ in stays fixed."""
+    varied = {axis for k, axis in enumerate("nhw") if len({p[k] for p in points}) > 1}
+    _check_separable(points, varied)
+    a = protos[0]
     g = a.graph
-    if len(g.node) != len(b.graph.node):
+    if any(len(p.graph.node) != len(g.node) for p in protos[1:]):
         raise GemxError("internal: the graph traced at two frame sizes differs in its nodes; it cannot be made size-agnostic")
-    ia = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    ib = {i.name: numpy_helper.to_array(i) for i in b.graph.initializer}
+    inits = [{i.name: numpy_helper.to_array(i) for i in p.graph.initializer} for p in protos]
     builder = _ShapeBuilder(source)
     computed = []
-    for k, (na, nb) in enumerate(zip(g.node, b.graph.node, strict=True)):
-        if na.op_type != nb.op_type or len(na.input) != len(nb.input) or list(na.attribute) != list(nb.attribute):
-            raise GemxError(f"internal: node {k} ({na.op_type}) differs between the two frame sizes; it cannot be made size-agnostic")
-        for j, (xa, xb) in enumerate(zip(na.input, nb.input, strict=True)):
-            if (xa in ia) != (xb in ib):
+    for k, nodes in enumerate(zip(*(p.graph.node for p in protos), strict=True)):
+        na = nodes[0]
+        if any(n.op_type != na.op_type or len(n.input) != len(na.input) or list(n.attribute) != list(na.attribute)
+               for n in nodes[1:]):
+            raise GemxError(f"internal: node {k} ({na.op_type}) differs between the traced sizes; it cannot be made size-agnostic")
+        for j, names in enumerate(zip(*(n.input for n in nodes), strict=True)):
+            is_const = [x in init for x, init in zip(names, inits, strict=True)]
+            if any(is_const) and not all(is_const):
                 raise GemxError(f"internal: input {j} of node {k} ({na.op_type}) is constant at one frame size only")
-            if xa not in ia or np.array_equal(ia[xa], ib[xb]):
+            if not is_const[0]:
                 continue
-            x, y = ia[xa], ib[xb]
-            if x.dtype != np.int64 or x.ndim != 1 or x.shape != y.shape:
+            values = [init[x] for x, init in zip(names, inits, strict=True)]
+            if all(np.array_equal(values[0], v) for v in values[1:]):
+                continue
+            x = values[0]
+            if x.dtype != np.int64 or x.ndim != 1 or any(v.shape != x.shape for v in values):
                 raise GemxError(f"internal: input {j} of node {k} ({na.op_type}, {x.dtype}) depends on the frame size")
-            terms = [_term(int(u), int(v), size_a, size_b, xa) for u, v in zip(x, y, strict=True)]
+            terms = [_term([int(v[e]) for v in values], points, varied, names[0]) for e in range(len(x))]
             name = f"{na.output[0]}_sized_input{j}"
             computed.append(builder.vector(name, terms))
             na.input[j] = name
@@ -64,19 +75,32 @@ def symbolic_spatial(a: onnx.ModelProto, b: onnx.ModelProto, source: str, size_a
     return a
 
 
-def _term(u: int, v: int, size_a: tuple[int, int], size_b: tuple[int, int], name: str) -> tuple[str, Fraction]:
-    """One element of a constant as ("1" | "h" | "w" | "hw", factor): its value at any size is factor x that."""
-    (ha, wa), (hb, wb) = size_a, size_b
-    if u == v:
-        return "1", Fraction(u)
-    for kind, at_a, at_b in (("h", ha, hb), ("w", wa, wb), ("hw", ha * wa, hb * wb)):
-        if Fraction(u, at_a) == Fraction(v, at_b):
-            return kind, Fraction(u, at_a)
-    raise GemxError(f"internal: element {u} -> {v} of constant {name} is no multiple of the frame's height, width or area")
+def _at(point: Point, monomial: str) -> int:
+    n, h, w = point
+    return prod({"n": n, "h": h, "w": w}[c] for c in monomial)
+
+
+def _check_separable(points: list[Point], varied: set[str]) -> None:
+    """Any two monomials over the varied axes must change differently across the points, or a constant could be
+    read as the wrong one (a multiple of the height where it is one of the width)."""
+    usable = [m for m in MONOMIALS if set(m) <= varied]
+    for m1, m2 in combinations(usable, 2):
+        if len({Fraction(_at(p, m1), _at(p, m2)) for p in points}) < 2:
+            raise GemxError(f"internal: the trace points cannot tell {m1 or '1'} from {m2 or '1'}; choose other sizes")
+
+
+def _term(values: list[int], points: list[Point], varied: set[str], name: str) -> tuple[str, Fraction]:
+    """One element of a constant as (monomial, factor): its value at any size is factor x the monomial there."""
+    for monomial in (m for m in MONOMIALS if set(m) <= varied):
+        factor = Fraction(values[0], _at(points[0], monomial))
+        if all(Fraction(v) == factor * _at(p, monomial) for v, p in zip(values, points, strict=True)):
+            return monomial, factor
+    raise GemxError(f"internal: element {' -> '.join(map(str, values))} of constant {name} is no multiple of the "
+                    "batch, height, width or their products")
 
 
 class _ShapeBuilder:
-    """Nodes computing int64 vectors from the source's height and width (shared between the constants using them)."""
+    """Nodes computing int64 vectors from the source's batch, height and width (shared between the constants)."""
 
     def __init__(self, source: str):
         self.source = source
@@ -87,33 +111,39 @@ class _ShapeBuilder:
         self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(values, np.int64), name)))
         return name
 
-    def _dim(self, kind: str) -> str:
-        key = (kind, Fraction(1))
+    def _dim(self, monomial: str) -> str:
+        key = (monomial, Fraction(1))
         if key not in self.made:
-            if not any(n.output[0] == "spatial_shape" for n in self.nodes):
-                self.nodes.append(helper.make_node("Shape", [self.source], ["spatial_shape"], start=H_AXIS, end=W_AXIS + 1))
-            if kind == "hw":
-                self.nodes.append(helper.make_node("Mul", [self._dim("h"), self._dim("w")], ["spatial_hw"]))
-                self.made[key] = "spatial_hw"
+            if len(monomial) > 1:
+                self.nodes.append(helper.make_node("Mul", [self._dim(monomial[:-1]), self._dim(monomial[-1])],
+                                                   [f"source_{monomial}"]))
             else:
-                at = H_AXIS if kind == "h" else W_AXIS
-                start = self._const(f"spatial_{kind}_at", [at - H_AXIS])
-                end = self._const(f"spatial_{kind}_end", [at - H_AXIS + 1])
-                self.nodes.append(helper.make_node("Slice", ["spatial_shape", start, end], [f"spatial_{kind}"]))
-                self.made[key] = f"spatial_{kind}"
+                at = AXES[monomial]
+                shape = self._shape(at)
+                self.nodes.append(helper.make_node("Slice", [shape, self._const(f"source_{monomial}_at", [0]),
+                                                             self._const(f"source_{monomial}_end", [1])],
+                                                   [f"source_{monomial}"]))
+            self.made[key] = f"source_{monomial}"
         return self.made[key]
 
-    def _scaled(self, kind: str, factor: Fraction) -> str:
-        key = (kind, factor)
+    def _shape(self, axis: int) -> str:
+        """The source's size along one axis, as a 1-element vector."""
+        name = f"source_shape_{axis}"
+        if not any(n.output[0] == name for n in self.nodes):
+            self.nodes.append(helper.make_node("Shape", [self.source], [name], start=axis, end=axis + 1))
+        return name
+
+    def _scaled(self, monomial: str, factor: Fraction) -> str:
+        key = (monomial, factor)
         if key not in self.made:
-            name = self._dim(kind)
-            tag = f"{kind}_{factor.numerator}_{factor.denominator}"
+            name = self._dim(monomial)
+            tag = f"{monomial}_{factor.numerator}_{factor.denominator}"
             if factor.numerator != 1:
-                name_mul = f"spatial_{tag}_num"
+                name_mul = f"source_{tag}_num"
                 self.nodes.append(helper.make_node("Mul", [name, self._const(f"{name_mul}_c", [factor.numerator])], [name_mul]))
                 name = name_mul
             if factor.denominator != 1:
-                name_div = f"spatial_{tag}"
+                name_div = f"source_{tag}"
                 self.nodes.append(helper.make_node("Div", [name, self._const(f"{name_div}_c", [factor.denominator])], [name_div]))
                 name = name_div
             self.made[key] = name
@@ -122,15 +152,14 @@ class _ShapeBuilder:
     def vector(self, out: str, terms: list[tuple[str, Fraction]]) -> onnx.NodeProto:
         """The node that computes `out` from its terms: runs of constants stay constants, the rest read the shape."""
         parts, run = [], []
-        for kind, factor in terms:
-            if kind == "1":
+        for monomial, factor in terms:
+            if not monomial:
                 run.append(int(factor))
                 continue
             if run:
                 parts.append(self._const(f"{out}_part{len(parts)}", run))
                 run = []
-            parts.append(self._scaled(kind, factor))
+            parts.append(self._scaled(monomial, factor))
         if run:
             parts.append(self._const(f"{out}_part{len(parts)}", run))
         return helper.make_node("Concat", parts, [out], axis=0)
-

@@ -9,12 +9,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gemx.exporter.contract import Contract
+from gemx.exporter.contract import VALIDATE_BATCH, Contract
 from gemx.metrics import psnr_db
 from gemx.model.lr import downsample
 from gemx.model.network import GeminoAttention
 
 FP32_TOLERANCE = 1e-4
+BATCH_TOLERANCE = 1e-5  # a batch's frames against the same frames run one by one, in the same graphs
 FP16_PSNR_GOAL = 50.0
 INT8_PSNR_GOAL = 40.0  # composed INT8 graphs vs FP32; measured about 54-57 dB on the test videos
 
@@ -65,3 +66,20 @@ def check_parity(model: GeminoAttention, contract: Contract, paths: tuple[Path, 
         got = run_pipeline(encoder, frame, contract, refs.numpy(), target_lr.numpy())
         rows.append(ParityRow(r, float(np.abs(got - want).max()), psnr_db(got, want), list(size) if size else None))
     return rows
+
+
+def check_batch(paths: tuple[Path, Path], contract: Contract, frames: torch.Tensor, streams: int = VALIDATE_BATCH) -> float:
+    """Max abs difference between the frame graph run on `streams` streams at once (their caches stacked, each its
+    own references) and the same frames run one at a time: the batch axis must not mix streams."""
+    encoder, frame = (ort_session(p) for p in paths)
+    names = [s.name for s in contract.kv]
+    caches, targets = [], []
+    for k in range(streams):
+        refs = frames[1:].roll(k, dims=0)[:2]  # each stream its own reference set
+        caches.append(encoder.run(names, {"references": refs.numpy()}))
+        targets.append(downsample(frames[k % len(frames):][:1], contract.config.scale).numpy())
+    one_by_one = [frame.run(["frame_hr"], {"target_lr": t, **dict(zip(names, kv, strict=True))})[0]
+                  for t, kv in zip(targets, caches, strict=True)]
+    stacked = {name: np.concatenate([kv[j] for kv in caches]) for j, name in enumerate(names)}
+    batched = frame.run(["frame_hr"], {"target_lr": np.concatenate(targets), **stacked})[0]
+    return float(np.abs(batched - np.concatenate(one_by_one)).max())

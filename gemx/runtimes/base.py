@@ -4,6 +4,10 @@
         session.set_references(refs)      # [R, 3, H, W] float32 in [0, 1]: encoded once, cached
         frame_hr = session(target_lr)     # [1, 3, H/s, W/s] -> [1, 3, H, W], cached keys/values reused
 
+    A server holding many streams keeps one cache per stream and runs their frames together:
+        caches = [session.encode(refs) for refs in each_streams_references]
+        frames_hr = session.decode_batch(targets, caches)   # one execution per frame size and reference count
+
 The base class owns every check a user can fail (shapes, reference counts, call order) so that each
 backend adapter only implements `_encode` and `_decode`, and no error reaches the user from deep
 inside a runtime.
@@ -36,6 +40,19 @@ class Cache:
     nbytes: int
 
 
+@dataclass
+class FrameJob:
+    """One checked frame with its stream's cache, padded to the cache's grid: what `Session.run` executes."""
+
+    target: np.ndarray  # [1, 3, h, w] on the grid
+    cache: Cache
+
+    @property
+    def group(self) -> tuple:
+        """Frames run in one batch only with others of the same padded size and reference count."""
+        return self.cache.padded, self.cache.refs
+
+
 class Session(ABC):
     """Runs the split model: `set_references` once per reference set, then `__call__` per frame.
 
@@ -52,6 +69,8 @@ class Session(ABC):
         self.precision = contract.precision  # what it computes in (an OpenVINO bf16 session runs the fp32 contract)
         self.max_refs = max_refs
         self.max_size = tuple(max_size) if max_size else None  # the largest size the graphs were validated at
+        self.max_batch: int | None = None  # the most frames one execution takes (a TensorRT engine's profile)
+        self.executions = 0  # frame-graph runs: fewer than frames when frames of several streams ran together
         self.encoder_runs = 0  # how often references were encoded: caching means once per set
         self._kv: Cache | None = None
         self.num_references = 0
@@ -63,7 +82,14 @@ class Session(ABC):
 
     @abstractmethod
     def _decode(self, target_lr: np.ndarray, kv: Any) -> np.ndarray:
-        """Run the per-frame graph on the cached keys/values; returns float32 [1, 3, H, W]."""
+        """Run the frame graph: target_lr [N, 3, h, w] on the grid against N caches stacked by `_stack` (or one
+        cache as encoded, for N = 1); returns float32 [N, 3, H, W]."""
+
+    def _stack(self, kvs: list[Any]) -> Any:
+        """The caches of a batch's streams as the frame graph takes them: each tensor stacked on its first axis,
+        stream after stream (the contract's `batch_kv`). Host caches (name -> array) here; backends holding
+        their own cache objects stack those."""
+        return {name: np.concatenate([kv[name] for kv in kvs]) for name in kvs[0]}
 
     def kv_nbytes(self) -> int:
         return self._kv.nbytes if self._kv is not None else 0
@@ -96,6 +122,23 @@ class Session(ABC):
 
     def decode(self, target_lr: np.ndarray, cache: Cache) -> np.ndarray:
         """One frame against a cache from `encode`: frame_hr [1, 3, H, W] at the references' size."""
+        return self.run([self.prepare(target_lr, cache)])[0]
+
+    def decode_batch(self, targets: list[np.ndarray], caches: list[Cache]) -> list[np.ndarray]:
+        """Frames of several streams, each against its own cache: the same frames as `decode` one by one, in as few
+        executions as their geometry allows (streams of one frame size and reference count run together)."""
+        if len(targets) != len(caches):
+            raise GemxError(f"decode_batch takes one cache per frame, got {len(targets)} frames and {len(caches)} caches")
+        jobs = []
+        for k, (target_lr, cache) in enumerate(zip(targets, caches, strict=True)):
+            try:
+                jobs.append(self.prepare(target_lr, cache))
+            except GemxError as e:
+                raise GemxError(f"frame {k} of the batch: {e}") from None
+        return self.run(jobs)
+
+    def prepare(self, target_lr: np.ndarray, cache: Cache) -> FrameJob:
+        """Check one frame against its cache from `encode` and pad it to the cache's grid (refused in one line)."""
         if not isinstance(cache, Cache):
             raise GemxError(f"decode takes a cache from this session's encode(), got {type(cache).__name__}")
         self._check_cache(cache.kv)
@@ -105,9 +148,29 @@ class Session(ABC):
         if (h * scale, w * scale) != (hh, ww):
             raise GemxError(f"target_lr is {w}x{h} but its references are {ww}x{hh}: send frames of the references' size over "
                             f"the scale {scale} ({ww // scale}x{hh // scale}), or set references of this frame's size")
-        lr_padded = (cache.padded[0] // scale, cache.padded[1] // scale)
-        frame = self._decode(pad_edges(target_lr, lr_padded), cache.kv)
-        return np.ascontiguousarray(frame[..., :hh, :ww]) if cache.padded != cache.size else frame
+        return FrameJob(pad_edges(target_lr, (cache.padded[0] // scale, cache.padded[1] // scale)), cache)
+
+    def run(self, jobs: list[FrameJob]) -> list[np.ndarray]:
+        """Each job's frame_hr [1, 3, H, W], cropped to its references' size. Jobs of one group (`FrameJob.group`)
+        run as one batch of at most `max_batch` frames: one execution, whose fixed costs (dispatch, weights read,
+        a server's per-call overhead) the frames share."""
+        groups: dict[tuple, list[int]] = {}
+        for k, job in enumerate(jobs):
+            groups.setdefault(job.group, []).append(k)
+        frames: list[np.ndarray | None] = [None] * len(jobs)
+        step = self.max_batch or len(jobs)
+        for members in groups.values():
+            for start in range(0, len(members), step):
+                batch = [jobs[k] for k in members[start:start + step]]
+                if len(batch) == 1:
+                    out = self._decode(batch[0].target, batch[0].cache.kv)
+                else:
+                    out = self._decode(np.concatenate([j.target for j in batch]), self._stack([j.cache.kv for j in batch]))
+                self.executions += 1
+                for row, (k, job) in enumerate(zip(members[start:start + step], batch, strict=True)):
+                    (hh, ww), frame = job.cache.size, out[row:row + 1]
+                    frames[k] = np.ascontiguousarray(frame[..., :hh, :ww]) if job.cache.padded != job.cache.size else frame
+        return frames
 
     def padded(self, size: tuple[int, int], what: str = "references") -> tuple[int, int]:
         """The grid size (height, width) frames of `size` run at, refused in one line when the graphs cannot run it."""

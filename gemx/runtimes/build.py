@@ -57,9 +57,10 @@ class BuildOptions:
     frames: Path | None = None  # a video to check accuracy on (synthetic frames without one)
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) TensorRT tunes for; the first is opt
     max_size: tuple[int, int] | None = None  # the largest frame an engine takes (default: the export's)
+    max_batch: int = 1  # the most frames of different streams one frame-engine run takes (a server's --max-batch)
 
     def __post_init__(self) -> None:
-        check_positive(refs_min=self.refs_min, refs_opt=self.refs_opt, refs_max=self.refs_max)
+        check_positive(refs_min=self.refs_min, refs_opt=self.refs_opt, refs_max=self.refs_max, max_batch=self.max_batch)
         if self.fp16 + self.int8 + self.bf16 > 1:
             raise GemxError("a build has one precision: pass one of --fp16, --bf16, --int8")
         if self.runtime is not None and self.runtime not in TARGETS:
@@ -213,11 +214,12 @@ def build_tensorrt(export: ExportDir, opts: BuildOptions, refs_max: int, progres
     with atomic_dir(out, replaceable=lambda p: opts.force and is_build(p)) as tmp:
         for spec in contract.graphs:
             progress(f"building {spec.name} engine ({precision}, refs {opts.refs_min}/{opts.refs_opt}/{refs_max}, "
-                     f"sizes {' / '.join(f'{w}x{h}' for h, w in sizes.values())})")
+                     f"sizes {' / '.join(f'{w}x{h}' for h, w in sizes.values())}, batch up to {opts.max_batch})")
             profile = Profile()
-            for s in spec.inputs:
+            for s in spec.inputs:  # the batch axis (frame graph only) is tuned for full batches
                 profile.add(s.name, min=contract.shape(s, opts.refs_min, sizes["min"]),
-                            opt=contract.shape(s, opts.refs_opt, sizes["opt"]), max=contract.shape(s, refs_max, sizes["max"]))
+                            opt=contract.shape(s, opts.refs_opt, sizes["opt"], opts.max_batch),
+                            max=contract.shape(s, refs_max, sizes["max"], opts.max_batch))
             network = NetworkFromOnnxPath(str(export.graph_path(spec.name, contract_precision)), strongly_typed=strongly_typed)
             config = CreateConfig(fp16=opts.fp16 and not strongly_typed, int8=opts.int8 and not strongly_typed, profiles=[profile],
                                   load_timing_cache=str(cache) if Path(cache).exists() else None)
@@ -229,7 +231,7 @@ def build_tensorrt(export: ExportDir, opts: BuildOptions, refs_max: int, progres
             "strongly_typed": strongly_typed, "contract_precision": contract_precision,
             "gpu": {"name": gpu.name, "compute_capability": gpu.compute_capability},
             "profile": {"min": opts.refs_min, "opt": opts.refs_opt, "max": refs_max,
-                        "sizes": {k: list(v) for k, v in sizes.items()}},
+                        "sizes": {k: list(v) for k, v in sizes.items()}, "max_batch": opts.max_batch},
             "engines": engines,
             "onnx_sha256": {s.name: sha256(export.graph_path(s.name, contract_precision)) for s in contract.graphs},
         }

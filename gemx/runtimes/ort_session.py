@@ -81,6 +81,15 @@ class OrtSession(Session):
         self.encoder.run_with_iobinding(binding)
         return dict(zip(self.kv_names, binding.get_outputs(), strict=True))  # OrtValues resident on the GPU
 
+    def _stack(self, kvs: list[dict[str, Any]]) -> dict[str, Any]:
+        if not self.on_device:
+            return super()._stack(kvs)
+        import onnxruntime as ort
+
+        # OrtValues on the GPU: stacked through the host (ORT's Python API has no device-side concatenation).
+        host = super()._stack([{name: value.numpy() for name, value in kv.items()} for kv in kvs])
+        return {name: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0) for name, value in host.items()}
+
     def _decode(self, target_lr: np.ndarray, kv: Any) -> np.ndarray:
         if not self.on_device:
             return self.frame.run(["frame_hr"], {"target_lr": target_lr, **kv})[0]

@@ -50,6 +50,9 @@ class TorchCudaSession(Session):
         self._graph = None  # a graph is captured against one cache
         return self.encoder(torch.from_numpy(references).to(self.device))
 
+    def _stack(self, kvs: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.cat(parts) for parts in zip(*kvs, strict=True))
+
     @torch.inference_mode()
     def _decode(self, target_lr: np.ndarray, kv: tuple[torch.Tensor, ...]) -> np.ndarray:
         x = torch.from_numpy(target_lr).to(self.device, non_blocking=True)

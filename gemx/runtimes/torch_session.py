@@ -23,6 +23,10 @@ class TorchSession(Session):
     def _encode(self, references: np.ndarray) -> ReferenceCache:
         return self.model.encode_references(torch.from_numpy(references).to(self.device))
 
+    def _stack(self, kvs: list[ReferenceCache]) -> ReferenceCache:
+        return ReferenceCache([torch.cat(k) for k in zip(*(kv.keys for kv in kvs), strict=True)],
+                              [torch.cat(v) for v in zip(*(kv.values for kv in kvs), strict=True)])
+
     @torch.inference_mode()
     def _decode(self, target_lr: np.ndarray, kv: ReferenceCache) -> np.ndarray:
         return self.model.attend_and_decode(torch.from_numpy(target_lr).to(self.device), kv).cpu().numpy()

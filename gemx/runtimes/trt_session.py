@@ -31,6 +31,7 @@ class TensorRTSession(Session):
         super().__init__(export.contract(record["contract_precision"]), record["profile"]["max"],
                          tuple(sizes["max"]) if sizes else export.max_size)
         self.min_refs = record["profile"]["min"]
+        self.max_batch = record["profile"].get("max_batch", 1)  # batches above it run in parts
         self.min_size = tuple(sizes["min"]) if sizes else None  # the engine's profile starts here
         try:
             from polygraphy.backend.common import BytesFromPath

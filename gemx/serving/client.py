@@ -71,7 +71,8 @@ class RemoteStream:
         self._started = False
         self._request = 0
         self._connect(deadline=time.monotonic() + reconnect_s)
-        self.contract, self.max_refs = self._read_config()
+        self.contract, self.max_refs, self.max_batch = self._read_config()
+        self.batched = self.max_batch > 0  # the model takes frames of several streams per execution
 
     # -- Session-like interface ------------------------------------------------------------------
     def set_references(self, references: np.ndarray) -> None:
@@ -129,6 +130,8 @@ class RemoteStream:
     def _infer(self, target_lr: np.ndarray | None, references: np.ndarray | None, start: bool, end: bool = False):
         grpc = _grpc()
         inputs = []
+        if references is not None and self.batched:
+            references = references[None]  # a batching model's tensors lead with Triton's batch axis
         for name, value in (("references", references), ("target_lr", target_lr)):
             if value is not None:
                 tensor = grpc.InferInput(name, list(value.shape), "FP32")
@@ -154,8 +157,8 @@ class RemoteStream:
                 raise GemxError(f"server refused a frame of stream {self.stream_id}: {_message(error)}")
             if result.get_response().id != request_id:
                 continue  # an answer to a request abandoned before a reconnect
-            self.server_kv_bytes = int(result.as_numpy(KV_BYTES_OUTPUT)[0])
-            self.server_streams = int(result.as_numpy(STREAMS_OUTPUT)[0])
+            self.server_kv_bytes = int(result.as_numpy(KV_BYTES_OUTPUT).reshape(-1)[0])
+            self.server_streams = int(result.as_numpy(STREAMS_OUTPUT).reshape(-1)[0])
             return result
 
     def _connect(self, deadline: float) -> None:
@@ -189,15 +192,28 @@ class RemoteStream:
         self._started = False
         self.recoveries += 1
 
-    def _read_config(self) -> tuple[Contract, int]:
+    def _read_config(self) -> tuple[Contract, int, int]:
         config = self._client.get_model_config(self.model, as_json=True)["config"]
         try:
             params = {k: v["string_value"] for k, v in config["parameters"].items()}
             model_config = ModelConfig.from_dict(json.loads(params["model_config"]))
-            return Contract(model_config), int(params["max_refs"])
+            return Contract(model_config), int(params["max_refs"]), int(config.get("max_batch_size", 0))
         except (KeyError, ValueError) as e:
             raise GemxError(f"model {self.model!r} at {self.url} is not a gemx stream model ({e}); serve a repository "
                             "written by `gemx triton`") from None
+
+
+def executions(url: str, model: str = MODEL_NAME) -> tuple[int, int]:
+    """(model executions, requests) a server has run so far: Triton's inference statistics of the model. Their
+    ratio over an interval is the mean batch Triton formed."""
+    client = _grpc().InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"]
+    except Exception as e:  # tritonclient raises its own exception for an unreachable server
+        raise GemxError(f"cannot read the statistics of {url} ({_message(e)})") from None
+    finally:
+        client.close()
+    return sum(int(m.get("execution_count", 0)) for m in stats), sum(int(m.get("inference_count", 0)) for m in stats)
 
 
 def _message(error) -> str:

@@ -7,6 +7,11 @@ more than one frame interval is late. Each row reports achieved fps per stream, 
 late and dropped frames and the server's key/value memory; the answer is the largest S at which every
 stream keeps the target fps with p99 latency under the frame interval. A one-stream row of the same
 export run in this process (no server) gives the serving overhead as a ratio measured in the same run.
+
+Several servers (say, one repository written without batching and one with `--max-batch 8`) are measured in
+one run, their rows interleaved so that a shared machine's noise falls on both alike. Each server row also
+reports the model executions per second Triton ran and the mean number of requests each carried (Triton's
+own inference statistics, read before and after the row).
 """
 
 from __future__ import annotations
@@ -82,11 +87,14 @@ class LoadRow:
     first_error: str = ""
     recoveries: int = 0  # streams healed by re-sending their references (eviction, a replica lost behind a balancer)
     phases: str = ""  # of a server row: how the calls' frame clocks were placed in the interval (PHASES)
+    server: str = ""  # of a server row: its address and batching ("unbatched", "batch <= 8")
+    executions_per_s: float = 0.0  # model executions Triton ran during the row
+    mean_batch: float = 0.0  # requests per execution: the batches Triton formed
 
 
 @dataclass
 class LoadResult:
-    url: str
+    urls: list[str]
     fps: float
     seconds: float
     refs: int
@@ -94,10 +102,20 @@ class LoadResult:
     rows: list[LoadRow]
 
     @property
-    def max_streams(self) -> int:
-        """The largest stream count at which every stream kept up (0 if none did), with the first phases asked."""
+    def servers(self) -> list[str]:
+        return list(dict.fromkeys(r.server for r in self.rows if r.mode == "server"))
+
+    def max_streams_of(self, server: str) -> int:
+        """The largest stream count at which every stream of `server` kept up (0 if none did), with the first phases
+        asked."""
         headline = next((r.phases for r in self.rows if r.mode == "server"), "")
-        return max((r.streams for r in self.rows if r.mode == "server" and r.phases == headline and r.keeps_up), default=0)
+        return max((r.streams for r in self.rows
+                    if r.mode == "server" and r.server == server and r.phases == headline and r.keeps_up), default=0)
+
+    @property
+    def max_streams(self) -> int:
+        """`max_streams_of` the first server."""
+        return self.max_streams_of(self.servers[0]) if self.servers else 0
 
     @property
     def overhead(self) -> float | None:
@@ -107,11 +125,17 @@ class LoadResult:
         return server.p50_ms / local.p50_ms if server and local and local.p50_ms > 0 else None
 
 
-def loadtest(url: str, opts: LoadOptions, progress: Callable[[str], None] = lambda msg: None) -> LoadResult:
-    from gemx.serving.client import RemoteStream
+def loadtest(urls: str | list[str], opts: LoadOptions, progress: Callable[[str], None] = lambda msg: None) -> LoadResult:
+    from gemx.serving.client import RemoteStream, executions
 
-    with RemoteStream(url) as probe:  # reachable, and which geometry it serves
-        contract = probe.contract
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    servers, contract = {}, None
+    for url in urls:
+        with RemoteStream(url) as probe:  # reachable, and which geometry and batching it serves
+            if contract is not None and probe.contract.config != contract.config:
+                raise GemxError(f"{url} serves another model than {urls[0]}; compare servers of one export")
+            contract = probe.contract
+            servers[url] = f"{url} ({f'batch <= {probe.max_batch}' if probe.batched else 'unbatched'})"
     frames, source = sample_frames(contract.config.size, CLIP_FRAMES, opts.video)  # timing does not depend on content
     if opts.size is not None and tuple(opts.size) != tuple(frames.shape[-2:]):  # calls from a camera of that geometry
         frames = torch.nn.functional.interpolate(frames, size=tuple(opts.size), mode="bilinear", align_corners=False).clamp(0, 1)
@@ -123,9 +147,14 @@ def loadtest(url: str, opts: LoadOptions, progress: Callable[[str], None] = lamb
         rows.append(_in_process_row(opts, frames, contract))
     for phases in opts.phases:
         for s in opts.streams:
-            progress(f"{s} concurrent stream(s) at {opts.fps:g} fps for {opts.seconds:g} s, {phases} phases")
-            rows.append(_server_row(url, s, opts, frames, contract.config.scale, phases))
-    return LoadResult(url, opts.fps, opts.seconds, opts.refs, source, rows)
+            for url, server in servers.items():
+                progress(f"{server}: {s} concurrent stream(s) at {opts.fps:g} fps for {opts.seconds:g} s, {phases} phases")
+                before, t0 = executions(url), time.monotonic()
+                row = _server_row(url, s, opts, frames, contract.config.scale, phases)
+                (runs, requests), elapsed = np.subtract(executions(url), before), time.monotonic() - t0
+                row.server, row.executions_per_s, row.mean_batch = server, runs / elapsed, requests / max(runs, 1)
+                rows.append(row)
+    return LoadResult(urls, opts.fps, opts.seconds, opts.refs, source, rows)
 
 
 def phase_offsets(streams: int, fps: float, phases: str, seed: int = 0) -> list[float]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import gemx
 from gemx.errors import GemxError, check_positive
-from gemx.exporter.contract import Contract, TensorSpec, graph_precision
+from gemx.exporter.contract import BATCH, Contract, TensorSpec, graph_precision
 from gemx.exporter.manifest import MANIFEST, WRITTEN_LATER, ExportDir, read_export_dir, sha256
 from gemx.fs import atomic_dir, check_target, json_field
 from gemx.runtimes.cpu import bf16_native
@@ -51,7 +51,22 @@ class TritonOptions:
     idle_timeout_s: float = 60.0  # a stream silent this long is dropped (by Triton and by gemx's cache)
     threads: int | None = None  # intra-op threads of the model's session (default: the runtime's)
     instances: int = 1
+    max_batch: int = 1  # frames of different streams per model execution; 1: one request at a time
+    queue_delay_us: int | None = None  # how long a batch may wait to fill (default: 0 on a CPU, 2000 on a GPU)
     force: bool = False
+
+    @property
+    def gpu(self) -> bool:
+        return self.runtime not in ("ort", "openvino")
+
+    @property
+    def batch_delay_us(self) -> int:
+        """A CPU runs frames one after another: a frame waiting for company only adds its wait, so batches form from
+        what queued while the model was busy. A GPU runs a batch in about the time of one frame, so a short wait
+        to fill it pays."""
+        if self.queue_delay_us is not None:
+            return self.queue_delay_us
+        return 2000 if self.gpu else 0
 
 
 @dataclass
@@ -94,6 +109,7 @@ def write_repository(export_path: Path, out: Path, opts: TritonOptions) -> Repos
         "runtime": opts.runtime, "precision": opts.precision,
         "limits": {"max_refs": max_refs, "max_streams": opts.max_streams, "kv_budget_mb": opts.kv_budget_mb,
                    "idle_timeout_s": opts.idle_timeout_s},
+        "batching": {"max_batch": opts.max_batch, "queue_delay_us": opts.batch_delay_us if opts.max_batch > 1 else 0},
         "kv_bytes_per_reference": contract.kv_bytes(1),
     }
     with atomic_dir(Path(out), replaceable=lambda p: opts.force and is_repository(p)) as tmp:
@@ -138,13 +154,17 @@ def model_config_text(contract: Contract, opts: TritonOptions, max_refs: int) ->
 def model_config(contract: Contract, opts: TritonOptions, max_refs: int):
     """Triton's ModelConfig for the stream model: inputs/outputs from the contract, a sequence batcher, limits."""
     mc = _model_config_pb2()
-    cfg = mc.ModelConfig(name=MODEL_NAME, backend="python", max_batch_size=0)
+    batched = opts.max_batch > 1
+    # Batched, Triton owns the first axis of every tensor: the frames' batch axis is that axis, and a request's
+    # references get one in front of theirs. Requests of different sizes may share an execute (ragged): the model
+    # groups them by size and reference count.
+    cfg = mc.ModelConfig(name=MODEL_NAME, backend="python", max_batch_size=opts.max_batch if batched else 0)
     references = contract.reference_encoder.inputs[0]
     target, = (s for s in contract.frame.inputs if s.name == "target_lr")
     frame_hr = contract.frame.outputs[0]
-    cfg.input.append(_tensor(mc.ModelInput, references, optional=True))
-    cfg.input.append(_tensor(mc.ModelInput, target, optional=True))  # absent on a request that only ends a stream
-    cfg.output.append(_tensor(mc.ModelOutput, frame_hr))
+    cfg.input.append(_tensor(mc.ModelInput, references, batched, optional=True))
+    cfg.input.append(_tensor(mc.ModelInput, target, batched, optional=True))  # absent on a request that only ends a stream
+    cfg.output.append(_tensor(mc.ModelOutput, frame_hr, batched))
     cfg.output.append(mc.ModelOutput(name=KV_BYTES_OUTPUT, data_type=mc.TYPE_UINT64, dims=[1]))
     cfg.output.append(mc.ModelOutput(name=STREAMS_OUTPUT, data_type=mc.TYPE_UINT32, dims=[1]))
     seq = cfg.sequence_batching
@@ -156,10 +176,11 @@ def model_config(contract: Contract, opts: TritonOptions, max_refs: int):
     seq.control_input.append(mc.ModelSequenceBatching.ControlInput(
         name="CORRID", control=[kinds(kind=kinds.CONTROL_SEQUENCE_CORRID, data_type=mc.TYPE_UINT64)]))
     seq.oldest.max_candidate_sequences = opts.max_streams
-    seq.oldest.max_queue_delay_microseconds = 0
-    gpu = opts.runtime not in ("ort", "openvino")
-    cfg.instance_group.append(mc.ModelInstanceGroup(count=opts.instances,
-                                                    kind=mc.ModelInstanceGroup.KIND_MODEL if gpu else mc.ModelInstanceGroup.KIND_CPU))
+    if batched:
+        seq.oldest.preferred_batch_size.append(opts.max_batch)
+    seq.oldest.max_queue_delay_microseconds = opts.batch_delay_us if batched else 0
+    cfg.instance_group.append(mc.ModelInstanceGroup(
+        count=opts.instances, kind=mc.ModelInstanceGroup.KIND_MODEL if opts.gpu else mc.ModelInstanceGroup.KIND_CPU))
     params = {"runtime": opts.runtime, "precision": opts.precision, "max_refs": str(max_refs),
               "kv_budget_bytes": str(int(opts.kv_budget_mb * 2**20)), "idle_timeout_s": str(opts.idle_timeout_s),
               "threads": str(opts.threads or 0), "model_config": json.dumps(contract.config.to_dict()),
@@ -170,11 +191,17 @@ def model_config(contract: Contract, opts: TritonOptions, max_refs: int):
     return cfg
 
 
-def _tensor(message, spec: TensorSpec, optional: bool = False):
+def _tensor(message, spec: TensorSpec, batched: bool, optional: bool = False):
+    """A config tensor of a contract spec. The contract's batch axis is Triton's when the model batches (dropped
+    from the dims), else one frame per request."""
     mc = _model_config_pb2()
     dtype = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16}[spec.dtype]
     dims = [-1 if isinstance(d, str) else d for d in spec.shape]
-    extra = {"optional": True} if optional else {}  # only inputs have the field
+    if spec.shape[0] == BATCH:
+        dims = dims[1:] if batched else [1, *dims[1:]]
+    extra = {"optional": True} if optional else {}
+    if batched and message is mc.ModelInput:  # requests of other sizes share an execute: the model groups them
+        extra["allow_ragged_batch"] = True
     return message(name=spec.name, data_type=dtype, dims=dims, **extra)
 
 
@@ -197,7 +224,12 @@ def _check_options(export: ExportDir, opts: TritonOptions) -> None:
         raise GemxError(bf16_native()[1])
     if opts.max_refs is not None and not 1 <= opts.max_refs <= export.max_refs:
         raise GemxError(f"--max-refs must be between 1 and the export's {export.max_refs}, got {opts.max_refs}")
-    check_positive(max_streams=opts.max_streams, instances=opts.instances, threads=opts.threads)
+    check_positive(max_streams=opts.max_streams, instances=opts.instances, threads=opts.threads, max_batch=opts.max_batch)
+    if opts.max_batch > opts.max_streams:
+        raise GemxError(f"--max-batch {opts.max_batch} exceeds --max-streams {opts.max_streams}: a batch holds one frame "
+                        "of each stream; raise --max-streams or lower --max-batch")
+    if opts.queue_delay_us is not None and opts.queue_delay_us < 0:
+        raise GemxError(f"--queue-delay-us must be 0 or more, got {opts.queue_delay_us}")
     if not opts.kv_budget_mb > 0:
         raise GemxError(f"--kv-budget-mb must be positive, got {opts.kv_budget_mb}")
     if not opts.idle_timeout_s > 0:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from gemx.errors import GemxError
-from gemx.runtimes.base import Session
+from gemx.runtimes.base import FrameJob, Session
 
 # Clients look for this phrase to re-send references by themselves (gemx stream does).
 RESEND = "send references again"
@@ -28,6 +28,17 @@ _FORGET_AFTER = 4096  # how many gone streams are remembered, to say why each we
 
 class ReferencesNeeded(GemxError):
     """The stream has no cache here (never had one, evicted, or the server restarted)."""
+
+
+@dataclass
+class Request:
+    """One request of a stream, as Triton's sequence batcher hands it over."""
+
+    stream_id: int
+    target_lr: np.ndarray | None = None
+    references: np.ndarray | None = None
+    start: bool = False
+    end: bool = False
 
 
 @dataclass
@@ -55,28 +66,62 @@ class StreamTable:
     def step(self, stream_id: int, target_lr: np.ndarray | None, references: np.ndarray | None = None,
              start: bool = False, end: bool = False) -> np.ndarray | None:
         """Handle one request of a stream: new references if any, then the frame if any."""
+        result, = self.step_batch([Request(stream_id, target_lr, references, start, end)])
+        if isinstance(result, GemxError):
+            raise result
+        return result
+
+    def step_batch(self, requests: list[Request]) -> list[np.ndarray | GemxError | None]:
+        """Handle the requests of one execution, each answered on its own: its frame, None, or its error.
+
+        Each request's bookkeeping (a new stream, new references, its end) happens in order; then every frame runs,
+        frames of one size and reference count as one batch (`Session.run`). A frame holds its stream's cache from
+        the moment its request is read, so a later request of the same execution that evicts the stream (the byte
+        budget) or ends it does not take the cache from under it; a request read after the eviction is told to
+        send references again. A bad request fails alone."""
+        results: list[np.ndarray | GemxError | None] = [None] * len(requests)
         with self._lock:
-            try:
-                self._expire_locked()
-                if start:
-                    self._drop_locked(stream_id, None)  # a new sequence never inherits an old cache
-                    if references is None:
-                        raise GemxError(f"stream {stream_id}: the first request of a stream must carry `references` "
-                                        "(float32 [refs, 3, H, W] in [0, 1])")
-                if references is not None:
-                    self._set_locked(stream_id, references)
-                if target_lr is None:
-                    return None
-                stream = self._streams.get(stream_id)
-                if stream is None:
-                    raise ReferencesNeeded(f"stream {stream_id} has no references on this server "
-                                           f"({self._gone.get(stream_id, 'never sent, or the server restarted')}); {RESEND}")
-                self._streams.move_to_end(stream_id)
-                stream.last_used = self.clock()
-                return self.session.decode(target_lr, stream.kv)
-            finally:
-                if end:
-                    self._drop_locked(stream_id, "ended")
+            self._expire_locked()
+            jobs, owners = [], []
+            for k, request in enumerate(requests):
+                try:
+                    job = self._admit_locked(request)
+                    if job is not None:
+                        jobs.append(job)
+                        owners.append(k)
+                except GemxError as e:
+                    results[k] = e
+                finally:
+                    if request.end:
+                        self._drop_locked(request.stream_id, "ended")
+            if jobs:
+                try:
+                    frames = self.session.run(jobs)
+                except GemxError as e:  # the runtime refused the execution: every frame in it gets the reason
+                    frames = [e] * len(jobs)
+                for k, frame in zip(owners, frames, strict=True):
+                    results[k] = frame
+        return results
+
+    def _admit_locked(self, request: Request) -> FrameJob | None:
+        """One request's bookkeeping, then its frame checked against its stream's cache (None without a frame)."""
+        stream_id = request.stream_id
+        if request.start:
+            self._drop_locked(stream_id, None)  # a new sequence never inherits an old cache
+            if request.references is None:
+                raise GemxError(f"stream {stream_id}: the first request of a stream must carry `references` "
+                                "(float32 [refs, 3, H, W] in [0, 1])")
+        if request.references is not None:
+            self._set_locked(stream_id, request.references)
+        if request.target_lr is None:
+            return None
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise ReferencesNeeded(f"stream {stream_id} has no references on this server "
+                                   f"({self._gone.get(stream_id, 'never sent, or the server restarted')}); {RESEND}")
+        self._streams.move_to_end(stream_id)
+        stream.last_used = self.clock()
+        return self.session.prepare(request.target_lr, stream.kv)
 
     def expire(self) -> int:
         """Drop streams idle for longer than the timeout; returns how many went."""

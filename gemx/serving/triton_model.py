@@ -1,8 +1,10 @@
 """The Triton Python backend model of a gemx repository: one gemx Session, one cache per stream.
 
 Triton's sequence batcher gives every request its stream's correlation id and start/end flags; the
-StreamTable keeps each stream's keys/values. Every request is answered on its own: a bad one gets its
-error (one line, as gemx words it) while the other requests of the same batch go on.
+StreamTable keeps each stream's keys/values. With `max_batch_size` > 0 (`gemx triton --max-batch`) the batcher
+hands one execute the requests of several streams (never two of one stream), and their frames run together,
+grouped by frame size and reference count. Every request is answered on its own: a bad one gets its error (one
+line, as gemx words it) while the other requests of the same batch go on.
 This module runs inside Triton's stub process, where `triton_python_backend_utils` is importable.
 """
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from gemx.errors import GemxError
 from gemx.serving.repository import KV_BYTES_OUTPUT, STREAMS_OUTPUT, Repository, read_repository
-from gemx.serving.streams import StreamTable
+from gemx.serving.streams import Request, StreamTable
 from gemx.serving.stub_env import check_stub_numpy
 
 
@@ -38,6 +40,7 @@ class TritonPythonModel:
         check_stub_numpy()
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.batched = int(config.get("max_batch_size", 0)) > 0  # every tensor then has a leading batch axis of 1
         repo = read_repository(Path(args["model_repository"]).parent)  # verified before anything is loaded
         self.table = open_stream_table(repo, params)
         self._stop = threading.Event()
@@ -52,27 +55,41 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         pb = self.pb
-        responses = []
+        parsed = []
         for request in requests:
             try:
-                frame = self._handle(request)
-                outputs = [pb.Tensor(KV_BYTES_OUTPUT, np.array([self.table.nbytes], np.uint64)),
-                           pb.Tensor(STREAMS_OUTPUT, np.array([len(self.table)], np.uint32))]
-                if frame is not None:
-                    outputs.insert(0, pb.Tensor("frame_hr", np.ascontiguousarray(frame, np.float32)))
-                responses.append(pb.InferenceResponse(output_tensors=outputs))
+                parsed.append(self._request(request))
             except GemxError as e:
-                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(str(e))))
+                parsed.append(e)
+        stepped = iter(self.table.step_batch([r for r in parsed if not isinstance(r, GemxError)]))
+        results = [r if isinstance(r, GemxError) else next(stepped) for r in parsed]
+        batch = (1,) if self.batched else ()
+        responses = []
+        for result in results:
+            if isinstance(result, GemxError):
+                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(str(result))))
+                continue
+            outputs = [pb.Tensor(KV_BYTES_OUTPUT, np.full((*batch, 1), self.table.nbytes, np.uint64)),
+                       pb.Tensor(STREAMS_OUTPUT, np.full((*batch, 1), len(self.table), np.uint32))]
+            if result is not None:
+                outputs.insert(0, pb.Tensor("frame_hr", np.ascontiguousarray(result, np.float32)))
+            responses.append(pb.InferenceResponse(output_tensors=outputs))
         return responses
 
-    def _handle(self, request) -> np.ndarray | None:
+    def _request(self, request) -> Request:
         def value(name: str):
             tensor = self.pb.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy()
 
         stream_id = int(value("CORRID").reshape(-1)[0])
         start, end = bool(value("START").reshape(-1)[0]), bool(value("END").reshape(-1)[0])
-        return self.table.step(stream_id, value("target_lr"), references=value("references"), start=start, end=end)
+        references = value("references")
+        if self.batched and references is not None:  # [1, refs, 3, H, W]: the batch axis Triton adds
+            if references.shape[0] != 1:
+                raise GemxError(f"stream {stream_id}: send one stream's references per request, got a batch of "
+                                f"{references.shape[0]}")
+            references = references[0]
+        return Request(stream_id, value("target_lr"), references, start, end)
 
     def finalize(self) -> None:
         self._stop.set()

@@ -69,9 +69,10 @@ def test_exported_graphs_are_invariant_to_reference_order_and_duplication(tiny_e
 def test_manifest_describes_graphs_and_hashes(tiny_export):
     m = json.loads((tiny_export.path / "manifest.json").read_text())
     assert m["format"] == "gemx-export" and m["refs"] == {"axis": "refs", "min": 1, "max": 12, "validated": [1, 2, 5, 10, 12]}
+    assert m["batch"] == {"axis": "batch", "validated": 3} and m["precisions"]["fp32"]["batch_max_abs_error"] <= 1e-5
     graph = m["precisions"]["fp32"]["graphs"]["frame"]
     assert graph["file"] == "frame.onnx" and len(graph["sha256"]) == 64
-    assert graph["inputs"][0] == {"name": "target_lr", "shape": [1, 3, "lr_height", "lr_width"], "dtype": "float32"}
+    assert graph["inputs"][0] == {"name": "target_lr", "shape": ["batch", 3, "lr_height", "lr_width"], "dtype": "float32"}
     assert m["spatial"] == {"axes": ["height", "width"], "grid": 32, "max_size": [1088, 1920]}
     assert m["model"]["parameters"] == sum(p.numel() for p in load_checkpoint(tiny_export.path.parent / "tiny.pt").model.parameters())
 

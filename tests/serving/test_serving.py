@@ -4,10 +4,12 @@ No mocks: every request goes through gRPC streaming, Triton's sequence batcher a
 outputs are compared with local ONNX Runtime sessions over the same graphs.
 """
 
+import json
 import queue
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from gemx import GemxError
 from gemx.cli import app
 from gemx.model.lr import downsample
 from gemx.runtimes.registry import open_session, runtime_available
-from gemx.serving.client import RemoteStream
+from gemx.serving.client import RemoteStream, executions
 from gemx.serving.loadtest import LoadOptions, loadtest
 from gemx.serving.repository import TritonOptions, read_repository, write_repository
 from gemx.serving.server import TritonServer, free_port
@@ -106,14 +108,32 @@ def raw(server):
     r.close()
 
 
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def batched_server(tiny_export, tmp_path_factory):
+    """`gemx triton --max-batch 4` with a 200 ms queue delay: four streams that send at once form one execution."""
+    out = tmp_path_factory.mktemp("batched") / "repo"
+    result = CliRunner().invoke(app, ["triton", str(tiny_export.path), "--out", str(out), "--max-refs", str(MAX_REFS),
+                                      "--threads", "1", "--max-batch", str(BATCH), "--queue-delay-us", "200000"])
+    assert result.exit_code == 0, result.output
+    assert f"frames of up to {BATCH} streams per execution" in " ".join(result.output.split())
+    server = TritonServer(out, grpc_port=free_port(), http_port=free_port(), log_path=out.parent / "tritonserver.log")
+    server.start(timeout_s=90)
+    yield server
+    server.stop()
+
+
 # -- the repository -----------------------------------------------------------------------------------
 def test_config_parses_with_tritons_protobuf_and_follows_the_contract(repo, tiny_export):
     config = text_format.Parse((repo.model_dir / "config.pbtxt").read_text(), ModelConfig())
     contract = tiny_export_contract(tiny_export)
     inputs = {i.name: list(i.dims) for i in config.input}
-    # the contract's symbolic axes (refs, height, width) are Triton's -1: one server takes every frame size
+    # the contract's symbolic axes (refs, height, width) are Triton's -1: one server takes every frame size; its batch
+    # axis is one frame per request in a server that does not batch
     assert inputs == {"references": [-1, 3, -1, -1], "target_lr": [1, 3, -1, -1]}
-    assert [d if isinstance(d, int) else -1 for d in contract.frame.inputs[0].shape] == inputs["target_lr"]
+    assert [d if isinstance(d, int) else -1 for d in contract.frame.inputs[0].shape] == [-1, *inputs["target_lr"][1:]]
     assert {i.name for i in config.input if i.optional} == {"references", "target_lr"}
     assert config.output[0].name == contract.frame.outputs[0].name
     assert list(config.output[0].dims) == [1, 3, -1, -1]
@@ -465,3 +485,73 @@ def test_an_int8_repository_serves_the_int8_graphs(tmp_path):
                     assert INT8_PSNR_GOAL < psnr_db(got, f) < 100
         finally:
             server.stop()
+
+
+# -- frames of several streams per execution ---------------------------------------------------------
+def test_a_batching_config_gives_triton_the_batch_axis(batched_server):
+    config = text_format.Parse((batched_server.repo / "gemx" / "config.pbtxt").read_text(), ModelConfig())
+    assert config.max_batch_size == BATCH
+    assert list(config.sequence_batching.oldest.preferred_batch_size) == [BATCH]
+    assert config.sequence_batching.oldest.max_queue_delay_microseconds == 200000
+    inputs = {i.name: i for i in config.input}
+    assert list(inputs["target_lr"].dims) == [3, -1, -1] and list(inputs["references"].dims) == [-1, 3, -1, -1]
+    assert inputs["target_lr"].allow_ragged_batch and inputs["references"].allow_ragged_batch  # sizes mix in one execute
+    assert list(config.output[0].dims) == [3, -1, -1]
+
+
+def test_interleaved_streams_batched_by_the_server_equal_local_sessions(batched_server, local):
+    """Four calls send each frame at the same moment: Triton hands the model their requests together, the model
+    runs the two 64x64 calls of 2 references as one batch and the others (3 references; 64x96) on their own,
+    and every frame equals a local session's. A bad request sent at the same moment fails alone."""
+    def call(h, w, refs, seed):
+        at = torch.nn.functional.interpolate(frames(refs + 3, 64, seed=seed), size=(h, w), mode="bilinear").clamp(0, 1)
+        return at[:refs].numpy(), downsample(at[refs:], 4).numpy()[:, None]
+
+    calls = [call(64, 64, 2, 70), call(64, 64, 2, 71), call(64, 64, 3, 72), call(64, 96, 2, 73)]
+    streams = [RemoteStream(batched_server.grpc_url) for _ in calls]
+    bad = Raw(batched_server.grpc_url)
+    got = [[None] * 3 for _ in calls]
+    errors = []
+    together = threading.Barrier(len(calls) + 1)
+    before = executions(batched_server.grpc_url)
+
+    def run(k):
+        refs, lr = calls[k]
+        streams[k].set_references(refs)
+        for i in range(3):
+            together.wait(timeout=60)
+            got[k][i] = streams[k](lr[i])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(calls))]
+    try:
+        for t in threads:
+            t.start()
+        for i in range(3):
+            together.wait(timeout=60)
+            if i == 1:  # a frame not of its references' size, beside the others
+                errors.append(bad.send(5000, calls[0][1][0][..., :8], calls[0][0][None], start=True))
+        for t in threads:
+            t.join(timeout=60)
+        runs, requests = np.subtract(executions(batched_server.grpc_url), before)
+    finally:
+        bad.close()
+        for s in streams:
+            s.close()
+    for (refs, lr), frames_out in zip(calls, got, strict=True):
+        for x, out in zip(lr, frames_out, strict=True):
+            assert out.shape == (1, 3, *refs.shape[-2:])
+            np.testing.assert_allclose(out, expected(local, refs, x), atol=1e-4)
+    assert isinstance(errors[0], str) and "target_lr is 8x16 but its references are 64x64" in errors[0]
+    assert requests >= 12 and runs < requests  # Triton formed batches of several streams' requests
+
+
+def test_loadtest_compares_an_unbatched_and_a_batched_server(server, batched_server, tmp_path):
+    out = tmp_path / "load.json"
+    result = CliRunner().invoke(app, ["loadtest", server.grpc_url, batched_server.grpc_url, "--streams", "2", "--fps", "10",
+                                      "--seconds", "1", "--refs", "2", "--phases", "aligned", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["server"] for r in rows] == [f"{server.grpc_url} (unbatched)", f"{batched_server.grpc_url} (batch <= {BATCH})"]
+    assert rows[0]["mean_batch"] == 1.0  # one request per execution, whatever arrives together
+    assert all(r["executions_per_s"] > 0 and r["mean_batch"] >= 1 for r in rows)
+    assert "mean batch" in result.output and f"{batched_server.grpc_url} (batch <= {BATCH})" in " ".join(result.output.split())
