@@ -8,14 +8,18 @@ OpenVINO reads the export's ONNX graphs as they are, symbolic axes included:
           kernels, and computes what stays float in f32
 Keys and values are copied once per reference set out of the encoder's request into arrays this process owns; every
 frame hands them to the frame request without a copy (`share_inputs`). Frames run a frame graph compiled for the
-reference set's exact shapes, made when the references are encoded. A build (`gemx build --runtime openvino`)
-holds the compiled symbolic models, so a later session imports them instead of compiling.
+reference set's exact shapes, made when the references are encoded; a batch of several streams' frames runs the
+symbolic graph until one compiled for its shapes is ready (compiled in the background on first sight). A build
+(`gemx build --runtime openvino`) holds the compiled symbolic models, so a later session imports them instead of
+compiling.
 """
 
 from __future__ import annotations
 
 import io
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,7 @@ from gemx.runtimes.cpu import bf16_native
 
 PRECISIONS = ("fp32", "bf16", "int8")
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # what OpenVINO computes the float ops in
-FIXED_GEOMETRIES = 8  # (reference count, frame size) pairs whose frame graph a session keeps compiled for its shapes
+FIXED_GEOMETRIES = 8  # (batch, reference count, frame size) whose frame graph a session keeps compiled for its shapes
 
 
 def openvino_version() -> tuple[str | None, str]:
@@ -81,6 +85,9 @@ class OpenVinoSession(Session):
         self.frame = models["frame"].create_infer_request()  # any geometry, until its own is compiled
         self.frame_graph = export.graph_path("frame", graph_precision(precision))
         self.fixed: OrderedDict[tuple, Any] = OrderedDict()  # geometry -> a frame request compiled for its exact shapes
+        self._fixed_lock = threading.Lock()
+        self._compiling: set[tuple] = set()
+        self._compiler: ThreadPoolExecutor | None = None  # made on the first batch: compiles batch geometries
         self.kv_names = [s.name for s in self.contract.kv]
 
     def _encode(self, references: np.ndarray) -> dict[str, np.ndarray]:
@@ -92,28 +99,68 @@ class OpenVinoSession(Session):
         return kv
 
     def _decode(self, target_lr: np.ndarray, kv: dict[str, np.ndarray]) -> np.ndarray:
-        request = self.fixed.get(_geometry(target_lr.shape, kv), self.frame)
+        key = _geometry(target_lr.shape, kv)
+        with self._fixed_lock:
+            request = self.fixed.get(key)
+        if request is None:
+            request = self.frame
+            if target_lr.shape[0] > 1:
+                self._compile_later(target_lr.shape, kv)
         request.infer({"target_lr": target_lr, **kv}, share_inputs=True)
         return request.get_tensor("frame_hr").data.copy()
 
     def _fixed_frame(self, target: tuple[int, ...], kv: dict[str, np.ndarray]):
         """The frame graph compiled for one geometry's exact shapes: OpenVINO's CPU kernels run static shapes faster
-        than the symbolic graph, for one compile per reference count and frame size (measured in docs/cpu.md). The
-        most recent FIXED_GEOMETRIES are kept; a cache of a geometry without one runs the symbolic graph."""
+        than the symbolic graph, for one compile per batch, reference count and frame size (measured in docs/cpu.md).
+        The most recent FIXED_GEOMETRIES are kept; a geometry without one runs the symbolic graph."""
         key = _geometry(target, kv)
-        if key in self.fixed:
-            self.fixed.move_to_end(key)
-            return self.fixed[key]
+        with self._fixed_lock:
+            if key in self.fixed:
+                self.fixed.move_to_end(key)
+                return self.fixed[key]
         model = self.core.read_model(str(self.frame_graph))
-        model.reshape({"target_lr": list(target), **{name: list(value.shape) for name, value in kv.items()}})
-        self.fixed[key] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
-        if len(self.fixed) > FIXED_GEOMETRIES:
-            self.fixed.popitem(last=False)
-        return self.fixed[key]
+        model.reshape({"target_lr": list(target), **{name: list(shape) for name, shape in _shapes(kv).items()}})
+        request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+        with self._fixed_lock:
+            self.fixed[key] = request
+            if len(self.fixed) > FIXED_GEOMETRIES:
+                self.fixed.popitem(last=False)
+        return request
+
+    def _compile_later(self, target: tuple[int, ...], kv: dict[str, np.ndarray]) -> None:
+        """Compile a batch geometry's frame graph in the background: the batch that first shows it, and those after
+        it until the compile is done, run the symbolic graph rather than wait."""
+        key = _geometry(target, kv)
+        with self._fixed_lock:
+            if key in self._compiling:
+                return
+            self._compiling.add(key)
+            self._compiler = self._compiler or ThreadPoolExecutor(1, thread_name_prefix="gemx-openvino-compile")
+        shapes = _shapes(kv)  # the shapes only: the batch's arrays are not kept
+
+        def compile_it():
+            try:
+                self._fixed_frame(tuple(target), shapes)
+            finally:
+                with self._fixed_lock:
+                    self._compiling.discard(key)
+
+        self._compiler.submit(compile_it)
+
+    def close(self) -> None:
+        if self._compiler is not None:
+            self._compiler.shutdown(wait=True, cancel_futures=True)
+            self._compiler = None
+        super().close()
 
 
-def _geometry(target: tuple[int, ...], kv: dict[str, np.ndarray]) -> tuple:
-    return (tuple(target), *(value.shape for value in kv.values()))
+def _shapes(kv: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Each cache tensor's shape (`kv` holds arrays, or already their shapes)."""
+    return {name: tuple(value) if isinstance(value, tuple) else value.shape for name, value in kv.items()}
+
+
+def _geometry(target: tuple[int, ...], kv: dict[str, Any]) -> tuple:
+    return (tuple(target), *_shapes(kv).values())
 
 
 def export_compiled(export: ExportDir, precision: str, out: Path) -> dict[str, str]:

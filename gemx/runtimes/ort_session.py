@@ -18,11 +18,13 @@ from gemx.exporter.manifest import TRT_EP_CACHE, ExportDir
 from gemx.runtimes.base import Session, missing_backend
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+TRT_EP_MAX_BATCH = 8  # the TensorRT EP's profile reaches frames of this many streams per run; larger batches run in parts
 
 
-def profile_shapes(contract: Contract, graph: GraphSpec, refs: int, size: tuple[int, int] | None) -> str:
-    """`name:d0xd1x...` for every input of one graph at `refs` references and an HR size, as the TensorRT EP wants them."""
-    return ",".join(f"{s.name}:{'x'.join(map(str, contract.shape(s, refs, size)))}" for s in graph.inputs)
+def profile_shapes(contract: Contract, graph: GraphSpec, refs: int, size: tuple[int, int] | None, batch: int = 1) -> str:
+    """`name:d0xd1x...` for every input of one graph at `refs` references, an HR size and a batch, as the TensorRT EP
+    wants them."""
+    return ",".join(f"{s.name}:{'x'.join(map(str, contract.shape(s, refs, size, batch)))}" for s in graph.inputs)
 
 
 def _providers(provider: str, contract: Contract, graph: GraphSpec, cache: Path, refs_opt: int, refs_max: int,
@@ -35,7 +37,7 @@ def _providers(provider: str, contract: Contract, graph: GraphSpec, cache: Path,
         "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
         "trt_profile_min_shapes": profile_shapes(contract, graph, 1, (contract.grid, contract.grid) if max_size else None),
         "trt_profile_opt_shapes": profile_shapes(contract, graph, min(refs_opt, refs_max), None),
-        "trt_profile_max_shapes": profile_shapes(contract, graph, refs_max, max_size),
+        "trt_profile_max_shapes": profile_shapes(contract, graph, refs_max, max_size, TRT_EP_MAX_BATCH),
     }), PROVIDERS["cuda"], PROVIDERS["cpu"]]
 
 
@@ -69,6 +71,7 @@ class OrtSession(Session):
             for spec in self.contract.graphs
         )
         self.on_device = provider != "cpu"
+        self.max_batch = TRT_EP_MAX_BATCH if provider == "tensorrt" else None
         self.kv_names = [s.name for s in self.contract.kv]
 
     def _encode(self, references: np.ndarray) -> Any:

@@ -195,3 +195,18 @@ def test_sisr_has_nothing_to_split_and_says_so(tmp_path):
 def test_default_out_dir_is_next_to_the_checkpoint(tiny_ckpt):
     result = export(tiny_ckpt, ExportOptions(max_refs=2))
     assert result.path == tiny_ckpt.parent / "tiny-b4.export" and (result.path / "manifest.json").exists()
+
+
+def test_trace_points_must_tell_every_product_of_batch_height_and_width_apart():
+    from gemx.exporter.spatial import _check_separable, _term
+
+    points = [(1, 2, 3), (1, 3, 5), (2, 2, 3)]  # what the exporter traces the frame graph at (in grid units)
+    _check_separable(points, {"n", "h", "w"})
+    # blocks per batch at (n, h, w): 4*n*h*w; a row of blocks: 2*w; a constant stays one
+    assert _term([24, 60, 48], points, {"n", "h", "w"}, "x") == ("nhw", 4)
+    assert _term([6, 10, 6], points, {"n", "h", "w"}, "x") == ("w", 2)
+    assert _term([7, 7, 7], points, {"n", "h", "w"}, "x") == ("", 7)
+    with pytest.raises(GemxError, match="cannot tell h from w"):
+        _check_separable([(1, 2, 3), (1, 4, 6)], {"h", "w"})  # both sides doubled: height and width look alike
+    with pytest.raises(GemxError, match="no multiple of the batch, height, width"):
+        _term([5, 7, 9], points, {"n", "h", "w"}, "x")

@@ -4,6 +4,8 @@
 reference counts it is handed (it groups them), for every runtime that runs here.
 """
 
+import time
+
 import numpy as np
 import pytest
 
@@ -79,3 +81,19 @@ def test_a_bad_frame_in_a_batch_is_named(tiny_export):
             s.decode_batch([lr, lr], [cache, cache2])
         with pytest.raises(GemxError, match="one cache per frame, got 2 frames and 1 caches"):
             s.decode_batch([lr, lr2], [cache])
+
+
+def test_openvino_compiles_a_batch_geometry_in_the_background_and_then_runs_it(tiny_export):
+    with open_runtime("openvino", tiny_export.path) as s:
+        calls = streams(s, [(2, 64, 96)] * 3)
+        alone = [s.decode(lr, cache) for lr, cache in calls]
+        compiled = len(s.fixed)
+        first = s.decode_batch([lr for lr, _ in calls], [cache for _, cache in calls])  # the symbolic graph
+        deadline = time.monotonic() + 60
+        while len(s.fixed) == compiled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(s.fixed) == compiled + 1 and next(reversed(s.fixed))[0] == (3, 3, 16, 24)  # compiled for the batch
+        again = s.decode_batch([lr for lr, _ in calls], [cache for _, cache in calls])
+        for a, b, c in zip(alone, first, again, strict=True):
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(c, a, rtol=0, atol=1e-5)

@@ -67,3 +67,5 @@ def test_ort_tensorrt_profile_shapes_cover_the_refs_and_size_axes(tiny_export):
     assert shapes["key_0"] == "240x8x7x16" and shapes["value_0"] == "240x7x16x8" and "7" in shapes["value_2"].split("x")
     default = dict(item.split(":") for item in profile_shapes(contract, contract.frame, 1, None).split(","))
     assert default["target_lr"] == "1x3x16x16"  # the training size when none is named
+    batch = dict(item.split(":") for item in profile_shapes(contract, contract.frame, 7, (96, 160), batch=4).split(","))
+    assert batch["target_lr"] == "4x3x24x40" and batch["key_0"] == "960x8x7x16"  # four streams' caches stacked
