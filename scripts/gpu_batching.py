@@ -18,29 +18,16 @@ import time
 
 import numpy as np
 import torch
+from gpu_torch_cuda import p50_ms  # CUDA-event timing (scripts/ is on the path when a script runs)
 
+from gemx.contract import Contract
 from gemx.exporter.cache import cached_export
-from gemx.exporter.contract import Contract
 from gemx.exporter.graphs import FrameGraph, ReferenceEncoderGraph
 from gemx.frames import sample_frames
 from gemx.model import load_checkpoint
 from gemx.model.lr import downsample
 from gemx.runtimes.cpu import cpu_flags, cpu_model
 from gemx.runtimes.registry import open_session
-
-
-def cuda_ms(fn, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.percentile(times, 50))
 
 
 def wall_ms(fn, iters: int, warmup: int) -> float:
@@ -73,7 +60,7 @@ def torch_cuda_batches(model, precision: str, refs: int, batches: list[int], fra
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 frame(target, kv)
-            out[b] = cuda_ms(graph.replay, iters, warmup=10)
+            out[b] = p50_ms(graph.replay, iters, warmup=10)
             del graph, kv
             torch.cuda.empty_cache()
     return out

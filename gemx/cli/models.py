@@ -69,8 +69,9 @@ def export(
 
 
 def render_export(result) -> None:
-    from gemx.exporter.contract import INT8_KEY_MIN_CHANNELS
+    from gemx.contract import INT8_KEY_MIN_CHANNELS, Contract
     from gemx.exporter.validate import FP16_PSNR_GOAL, FP32_TOLERANCE, INT8_PSNR_GOAL
+    from gemx.model.config import ModelConfig
 
     goal = {"fp16": FP16_PSNR_GOAL, "int8": INT8_PSNR_GOAL}
 
@@ -92,7 +93,8 @@ def render_export(result) -> None:
     if "int8" in result.parity:
         int8 = result.manifest["precisions"]["int8"]
         q = int8["quantization"]
-        float_keys = [i["name"] for i in int8["graphs"]["frame"]["inputs"] if i["name"].startswith("key_") and i["dtype"] != "int8"]
+        contract = Contract(ModelConfig.from_dict(result.manifest["model"]["config"]), "int8")
+        float_keys = [s.name for s in contract.keys if s.dtype != "int8"]
         logits = f", the logits over {', '.join(float_keys)} (fewer than {INT8_KEY_MIN_CHANNELS} channels)" if float_keys else ""
         console.print(f"[dim]INT8: {q['method']}, calibrated on {q['calibration']['frames']} frames of "
                       f"{lit(q['calibration']['source'])}; kept in FP32: the bicubic upsampler, the softmax{logits}; "

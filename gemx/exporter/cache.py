@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gemx.errors import GemxError
 from gemx.exporter.export import ExportOptions, export
-from gemx.exporter.manifest import GRAPHS_REVISION, MANIFEST, read_export_dir
+from gemx.exporter.manifest import MANIFEST, graphs_revision, read_export_dir
 from gemx.fs import cache_root, json_field
 from gemx.model.checkpoint import Checkpoint
 
@@ -25,8 +25,8 @@ def cached_export(ckpt: Checkpoint, block_size: int, max_refs: int, precisions: 
         extra += "-" + hashlib.sha256("|".join(str(Path(c).resolve()) for c in calib).encode()).hexdigest()[:8]
     out = (cache_dir or cache_root() / "exports") / f"{ckpt.path.stem}-{digest}-b{block_size}-r{max_refs}{extra}"
     if out.exists():
-        if json_field(out / MANIFEST, "graphs_revision") != GRAPHS_REVISION:
-            progress("re-exporting: the cached export was made by an older gemx")
+        if json_field(out / MANIFEST, "graphs_revision") != graphs_revision():
+            progress("re-exporting: the cached export was made by an older gemx (or other torch/ONNX versions)")
         else:
             try:
                 read_export_dir(out)  # verified like any export: a damaged cache entry is made again

@@ -16,25 +16,11 @@ import numpy as np
 import onnx
 import torch
 
+from gemx.contract import DEFAULT_MAX_SIZE, MAX_REFS, VALIDATE_BATCH, Contract
 from gemx.errors import GemxError, check_positive
-from gemx.exporter.contract import DEFAULT_MAX_SIZE, MAX_REFS, VALIDATE_BATCH, Contract
 from gemx.exporter.graphs import FrameGraph, ReferenceEncoderGraph
 from gemx.exporter.manifest import WRITTEN_LATER, graph_entry, is_export, new_manifest, sha256, write_manifest
 from gemx.exporter.onnx_export import DEFAULT_OPSET, check_opset, export_graph, strip_build_metadata
-from gemx.exporter.quantize import (
-    METHOD,
-    QUANTIZED_OPS,
-    RANGES_FILE,
-    RangeTable,
-    calibrate,
-    calibration_frames_needed,
-    calibration_videos,
-    fold_constants,
-    fp32_convs,
-    load_ranges,
-    quantize,
-    shipped_ranges_path,
-)
 from gemx.exporter.trt_check import TrtReport, check_tensorrt_compat
 from gemx.exporter.validate import (
     BATCH_TOLERANCE,
@@ -46,6 +32,9 @@ from gemx.exporter.validate import (
 )
 from gemx.frames import sample_frames
 from gemx.fs import atomic_dir, atomic_write, check_target
+from gemx.int8.calibrate import calibrate, calibration_frames_needed, calibration_videos
+from gemx.int8.qdq import QUANTIZED_OPS, Int8Cache, fold_constants, fp32_convs, quantize
+from gemx.int8.ranges import METHOD, RANGES_FILE, RangeTable, load_ranges, shipped_ranges_path
 from gemx.model.checkpoint import Checkpoint, load_checkpoint
 from gemx.model.config import MAX_SIZE
 from gemx.model.network import GeminoAttention, with_block_size
@@ -144,7 +133,9 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
                 "batch_max_abs_error": batch_error,
             }
         if opts.int8:
-            _export_int8(Contract(cfg), tmp, calib, ckpt_sha, frames, refs_list, model, result, opts, progress)
+            int8 = _export_int8(Contract(cfg), tmp, calib, ckpt_sha, frames, refs_list, model, max_size, opts, progress)
+            manifest["precisions"]["int8"] = int8.entry
+            result.parity["int8"], result.trt = int8.parity, result.trt + int8.trt
         write_manifest(tmp, manifest)
     return result
 
@@ -159,10 +150,19 @@ def _int8_calibration(checkpoint: Path, checkpoint_sha: str, opts: ExportOptions
     return load_ranges(shipped, checkpoint_sha)
 
 
+@dataclass
+class Int8Export:
+    entry: dict  # the manifest's precisions.int8
+    parity: list[ParityRow]
+    trt: list[TrtReport]
+
+
 def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, checkpoint_sha: str, frames: torch.Tensor,
-                 refs_list: list[int], model: GeminoAttention, result: ExportResult, opts: ExportOptions, progress) -> None:
+                 refs_list: list[int], model: GeminoAttention, max_size: tuple[int, int] | None, opts: ExportOptions,
+                 progress) -> Int8Export:
     """QDQ INT8 graphs from FP32 graphs (the encoder in `out`; the frame graph exported again with its head on 2x2
-    phases, see `subpixel_head`), their accuracy against the FP32 graphs in `out`, and the range table used."""
+    phases, see `subpixel_head`) and the range table used, written into `out`; their accuracy against the FP32
+    graphs there."""
     import tempfile
 
     fp32_paths = tuple(out / spec.file("fp32") for spec in contract.graphs)
@@ -175,22 +175,20 @@ def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, 
         table = calibrate(folded, contract, calib, checkpoint_sha, progress) if isinstance(calib, list) else calib
         progress("quantizing graphs to INT8 (QDQ)")
         paths = tuple(out / spec.file("int8") for spec in contract.graphs)
-        cache_ranges = _int8_cache_ranges(table, contract)
-        protos = [quantize(src, table.graphs[spec.name], dst, cache_ranges)
+        cache = _int8_cache(table, contract)
+        protos = [quantize(src, table.graphs[spec.name], dst, cache)
                   for spec, src, dst in zip(contract.graphs, folded, paths, strict=True)]
     table.save(out / RANGES_FILE)
     kept_fp32 = {spec.name: fp32_convs(proto) for spec, proto in zip(contract.graphs, protos, strict=True)}
-    result.trt += [check_tensorrt_compat(p, path.name) for p, path in zip(protos, paths, strict=True)]
+    trt = [check_tensorrt_compat(p, path.name) for p, path in zip(protos, paths, strict=True)]
     progress(f"checking int8 accuracy at refs {refs_list}")
     int8 = Contract(contract.config, "int8")
-    rows = check_parity(model, int8, paths, refs_list, frames, reference_paths=fp32_paths,
-                        sizes=parity_sizes(int8, tuple(result.manifest.get("spatial", {}).get("max_size", ())) or None))
-    result.parity["int8"] = rows
+    rows = check_parity(model, int8, paths, refs_list, frames, reference_paths=fp32_paths, sizes=parity_sizes(int8, max_size))
     worst = min(r.psnr_db for r in rows)
     if not worst > INT8_PSNR_GOAL:
         raise GemxError(f"the int8 graphs reach only {worst:.1f} dB PSNR against FP32 (goal > {INT8_PSNR_GOAL} dB); "
                         "export refused: calibrate on video closer to what you serve (--calib)")
-    result.manifest["precisions"]["int8"] = {
+    entry = {
         "graphs": {spec.name: graph_entry(spec, path, proto) for spec, path, proto in zip(int8.graphs, paths, protos, strict=True)},
         "parity": [vars(r) for r in rows],
         "parity_against": "fp32 graphs",
@@ -205,17 +203,20 @@ def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, 
                             "shipped": not isinstance(calib, list)},
         },
     }
+    return Int8Export(entry, rows, trt)
 
 
-def _int8_cache_ranges(table: RangeTable, contract: Contract) -> dict[str, tuple[float, float]]:
-    """The calibrated ranges of the cache tensors the INT8 contract holds in int8: both graphs use the same scales."""
+def _int8_cache(table: RangeTable, contract: Contract) -> Int8Cache:
+    """The cache tensors the INT8 contract holds in int8, with their calibrated ranges: both graphs use the same
+    scales."""
     ranges = table.graphs["reference_encoder"]
-    names = [s.name for s in Contract(contract.config, "int8").kv if s.dtype == "int8"]
+    int8 = Contract(contract.config, "int8")
+    names = [s.name for s in int8.kv if s.dtype == "int8"]
     missing = [n for n in names if n not in ranges]
     if missing:
         raise GemxError(f"the INT8 range table has no range for {missing[0]} (made by an older gemx?); "
                         "calibrate again with --calib VIDEO|DIR")
-    return {n: ranges[n] for n in names}
+    return Int8Cache({n: ranges[n] for n in names}, frozenset(s.name for s in int8.keys if s.dtype == "int8"))
 
 
 def _export_pair(model: GeminoAttention, contract: Contract, out: Path, opts: ExportOptions,

@@ -11,7 +11,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from gemx.exporter.contract import Contract
+from gemx.contract import Contract
 from gemx.model.network import GeminoAttention, ReferenceCache, cast
 
 

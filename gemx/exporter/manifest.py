@@ -10,16 +10,24 @@ from pathlib import Path
 import onnx
 
 import gemx
+from gemx.contract import VALIDATE_BATCH, Contract, GraphSpec
 from gemx.errors import GemxError
-from gemx.exporter.contract import VALIDATE_BATCH, Contract, GraphSpec
 from gemx.fs import atomic_write, json_field
 from gemx.model.config import ModelConfig
+from gemx.revision import code_revision
 
 FORMAT = "gemx-export"
 VERSION = 1
-# What gemx writes for the same checkpoint and options; bumped whenever the graphs change (block layout,
-# quantization), so that an export cached by an older gemx is made again instead of measured as if current.
-GRAPHS_REVISION = 9
+# What decides the graphs gemx writes for a checkpoint and options: an export cached by other code (an older
+# gemx, another torch or ONNX Runtime) is made again instead of measured as if current.
+GRAPH_SOURCES = ("contract.py", "model/config.py", "model/network.py", "model/lr.py", "exporter/graphs.py",
+                 "exporter/onnx_export.py", "exporter/spatial.py", "exporter/export.py", "int8/calibrate.py",
+                 "int8/qdq.py", "int8/graph.py")
+GRAPH_LIBRARIES = ("torch", "onnx", "onnxscript", "onnxruntime")
+
+
+def graphs_revision() -> str:
+    return code_revision(*GRAPH_SOURCES, libraries=GRAPH_LIBRARIES)
 MANIFEST = "manifest.json"
 # What runtimes write into an export after it was made (ONNX Runtime's TensorRT engine cache, TensorRT's timing
 # cache, `--runtime auto`'s measured choices): gemx's too, so `gemx export --force` may replace them with the rest.
@@ -178,7 +186,7 @@ def new_manifest(config: ModelConfig, params: int, opset: int, max_refs: int, va
         "format": FORMAT,
         "version": VERSION,
         "gemx_version": gemx.__version__,
-        "graphs_revision": GRAPHS_REVISION,
+        "graphs_revision": graphs_revision(),
         "model": {"config": config.to_dict(), "parameters": params, "checkpoint": source},
         "opset": opset,
         "refs": {"axis": "refs", "min": 1, "max": max_refs, "validated": validated},

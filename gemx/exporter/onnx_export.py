@@ -21,8 +21,8 @@ import onnx
 import torch
 from torch.export import Dim
 
+from gemx.contract import REFS, GraphSpec
 from gemx.errors import GemxError
-from gemx.exporter.contract import REFS, GraphSpec
 from gemx.exporter.spatial import Point, symbolic_axes
 from gemx.fs import atomic_write
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gemx.exporter.contract import VALIDATE_BATCH, Contract
+from gemx.contract import VALIDATE_BATCH, Contract
 from gemx.metrics import psnr_db
 from gemx.model.lr import downsample
 from gemx.model.network import GeminoAttention

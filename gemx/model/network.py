@@ -101,7 +101,7 @@ def subpixel_head(head: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     upsampling followed by zero padding is no single convolution of x). On the shipped model that border moves the
     output by 59-64 dB PSNR and the test split's video-mean PSNR by -0.01 dB. Why: both convolutions then run with
     4x the channels at a quarter of the pixels, with no upsampled tensor in between, which int8 convolutions turn into
-    speed (see the INT8 graphs in `gemx.exporter.quantize`)."""
+    speed (see the INT8 graphs in `gemx.int8.qdq`)."""
     conv1, conv2 = head[0], head[2]
     up = _upsample_taps(x)  # [phase, tap of the full-resolution kernel, tap over x]
     w1 = torch.einsum("ocyx,ayk,bxl->oabckl", conv1.weight, up, up).flatten(0, 2)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from gemx.exporter.contract import REFS
+from gemx.contract import REFS
 
 
 def _concrete(model: onnx.ModelProto, dims: dict[str, int]) -> onnx.ModelProto:

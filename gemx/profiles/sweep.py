@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gemx.contract import COMPUTE_PRECISIONS, graph_precision
+from gemx.contract import PRECISIONS as GRAPH_PRECISIONS
 from gemx.errors import GemxError, check_positive
 from gemx.exporter.cache import cached_export
-from gemx.exporter.contract import COMPUTE_PRECISIONS, graph_precision
-from gemx.exporter.contract import PRECISIONS as GRAPH_PRECISIONS
 from gemx.exporter.manifest import read_export_dir
 from gemx.frames import sample_frames
 from gemx.metrics import psnr_db
@@ -121,75 +121,112 @@ def default_block_sizes(block: int, level: int) -> list[int]:
 
 def profile(source: Path | None, opts: ProfileOptions, progress=lambda msg, advance=0: None,
             on_total=lambda total: None) -> ProfileResult:
-    runtimes = list(dict.fromkeys(r for name in opts.runtimes  # auto: every runtime this machine has
-                                  for r in (available_runtimes() if name == "auto" else [resolve_runtime(name)])))
-    combos = [(rt, p) for rt in runtimes for p in opts.precisions if _runs_here(rt, p)]
-    if not combos:  # before any export
-        asked = ", ".join(f"{p} ({'/'.join(r for r in RUNTIME_PRECISIONS if p in RUNTIME_PRECISIONS[r])})" for p in opts.precisions)
-        raise GemxError(f"none of --runtime {', '.join(runtimes)} runs --precision {asked} on this machine")
+    """plan (what runs here, refused before any export) -> prepare (exports, then per block size and frame size the
+    frames, the FP32 frames quality is measured against, the graphs' cost) -> measure (each runtime and precision,
+    then the naive row)."""
+    combos = plan(opts)
     exports, model = _exports_for(source, opts, progress)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    max_refs = max(opts.refs)
     result = ProfileResult([], machine_info(opts.threads), str(source or "shipped default checkpoint"))
     on_total(len(exports) * len(opts.sizes or [None]) * len(opts.refs) * (len(combos) + opts.naive))
     try:
         for block, path in exports.items():
-            export_dir = read_export_dir(path)
-            if max_refs > export_dir.max_refs:
-                raise GemxError(f"--refs up to {max_refs} exceeds the export's {export_dir.max_refs}")
-            cfg = export_dir.config
-            contract = export_dir.contract()
-            block_model = with_block_size(model, block) if model is not None else None
-            video, _ = sample_frames(cfg.size, max_refs + 1, opts.frames)
-            for size in opts.sizes or [contract.default_size]:
-                frames = _at_size(video, size)
-                h, w = size
-                where = f"b{block} {w}x{h}"
-                truth = frames[:1].numpy()
-                target = downsample(frames[:1], cfg.scale).numpy()
-                fp32_frames = _fp32_frames(path, block_model, frames, target, opts.refs)
-                dims = contract.dims(contract.on_grid(size))  # what the graphs run at: the size padded to the grid
-                costs = {refs: {g: graph_cost(export_dir.graph_path(g), refs, dims) for g in ("reference_encoder", "frame")}
-                         for refs in opts.refs}  # per graph and reference count, the same for every runtime
-                for runtime, prec in combos:
-                    on_cpu = runtime in ("torch", "ort", "openvino")
-                    mem_kind = "rss over pre-session, own process" if on_cpu else "device over pre-session"
-                    cpu_memory = dict.fromkeys(opts.refs)
-                    if on_cpu and opts.memory:  # in a fresh interpreter: here, memory an earlier session freed would be reused unseen
-                        progress(f"{where} {runtime} {prec} memory")
-                        cpu_memory = _cpu_memory(_MemoryProbe(runtime, path, prec, opts.threads, source, block, opts.refs,
-                                                              frames[1:max_refs + 1].numpy(), target))
-                    base = None if on_cpu else device_memory_used()
-                    session = open_session(runtime, path, prec, opts.threads, model=block_model)
+            for point in prepare(block, path, model, opts):
+                for runtime, precision in combos:
+                    _measure_combo(point, runtime, precision, source, opts, result, progress)
+                if opts.naive and point.model is not None:
                     for refs in opts.refs:
-                        progress(f"{where} {runtime} {prec} {refs} refs")
-                        refs_hr = frames[1:refs + 1].numpy()
-                        encode, frame, memory = _measure(session, refs_hr, target, opts, mem_kind, base)
-                        memory = cpu_memory[refs] if on_cpu else memory
-                        out = session(target)  # references of this count are set: the frame the timings measured
-                        quality = {"psnr_vs_fp32_db": min(psnr_db(out, fp32_frames[refs]), EXACT_DB),
-                                   "psnr_vs_truth_db": psnr_db(np.clip(out, 0, 1), truth) if opts.frames else None}
-                        kv = session.kv_nbytes()
-                        by_graph = costs[refs]
-                        for stage, t, cost in (("encode", encode, by_graph["reference_encoder"]), ("frame", frame, by_graph["frame"])):
-                            result.rows.append(ProfileRow(block, runtime, prec, refs, stage, t.min_ms, t.p50_ms, t.p90_ms,
-                                                          t.p99_ms, t.fps, t.iters, memory, mem_kind, kv, cost["flops"],
-                                                          cost["params"], **quality, height=h, width=w))
-                        if opts.ops and runtime == "ort":
-                            result.ops.append(_ops_row(session, block, prec, refs, refs_hr, target, opts) | {"height": h, "width": w})
-                        progress(f"{where} {runtime} {refs} refs", advance=1)
-                    session.close()
-                    del session
-                if opts.naive and block_model is not None:
-                    for refs in opts.refs:
-                        flops = costs[refs]["reference_encoder"]["flops"] + costs[refs]["frame"]["flops"]
-                        result.rows.append(_naive_row(block_model, block, refs, _padded(frames, contract), opts, flops, size))
-                        progress(f"{where} naive {refs} refs", advance=1)
+                        flops = point.costs[refs]["reference_encoder"]["flops"] + point.costs[refs]["frame"]["flops"]
+                        frames = _padded(point.frames, point.contract)
+                        result.rows.append(_naive_row(point.model, block, refs, frames, opts, flops, point.size))
+                        progress(f"{point.where} naive {refs} refs", advance=1)
     except KeyboardInterrupt:
         result.interrupted = True
     return result
 
+
+def plan(opts: ProfileOptions) -> list[tuple[str, str]]:
+    """The (runtime, precision) pairs to measure: those asked for that this machine runs."""
+    runtimes = list(dict.fromkeys(r for name in opts.runtimes  # auto: every runtime this machine has
+                                  for r in (available_runtimes() if name == "auto" else [resolve_runtime(name)])))
+    combos = [(rt, p) for rt in runtimes for p in opts.precisions if _runs_here(rt, p)]
+    if not combos:
+        asked = ", ".join(f"{p} ({'/'.join(r for r in RUNTIME_PRECISIONS if p in RUNTIME_PRECISIONS[r])})" for p in opts.precisions)
+        raise GemxError(f"none of --runtime {', '.join(runtimes)} runs --precision {asked} on this machine")
+    return combos
+
+
+@dataclass
+class SweepPoint:
+    """One block size at one frame size: everything its rows share."""
+    block: int
+    path: Path  # the export
+    contract: object
+    model: object  # the PyTorch model at this block size (None when profiling an export directory)
+    size: tuple[int, int]  # HR (height, width)
+    frames: torch.Tensor  # [1 + max refs, 3, H, W]: the target's HR frame, then the references
+    target: np.ndarray  # the LR target
+    fp32_frames: dict[int, np.ndarray]  # per reference count: the FP32 frame every row's quality is measured against
+    costs: dict[int, dict[str, dict]]  # per reference count and graph: FLOPs and parameters
+
+    @property
+    def where(self) -> str:
+        return f"b{self.block} {self.size[1]}x{self.size[0]}"
+
+
+def prepare(block: int, path: Path, model, opts: ProfileOptions):
+    """The sweep points of one export, one per frame size."""
+    export_dir = read_export_dir(path)
+    max_refs = max(opts.refs)
+    if max_refs > export_dir.max_refs:
+        raise GemxError(f"--refs up to {max_refs} exceeds the export's {export_dir.max_refs}")
+    cfg, contract = export_dir.config, export_dir.contract()
+    block_model = with_block_size(model, block) if model is not None else None
+    video, _ = sample_frames(cfg.size, max_refs + 1, opts.frames)
+    for size in opts.sizes or [contract.default_size]:
+        frames = _at_size(video, size)
+        target = downsample(frames[:1], cfg.scale).numpy()
+        dims = contract.dims(contract.on_grid(size))  # what the graphs run at: the size padded to the grid
+        costs = {refs: {g: graph_cost(export_dir.graph_path(g), refs, dims) for g in ("reference_encoder", "frame")}
+                 for refs in opts.refs}  # per graph and reference count, the same for every runtime
+        yield SweepPoint(block, path, contract, block_model, tuple(size), frames, target,
+                         _fp32_frames(path, block_model, frames, target, opts.refs), costs)
+
+
+def _measure_combo(point: SweepPoint, runtime: str, precision: str, source: Path | None, opts: ProfileOptions,
+                   result: ProfileResult, progress) -> None:
+    """One runtime and precision at one sweep point: encode and frame rows per reference count (and op rows)."""
+    on_cpu = runtime in ("torch", "ort", "openvino")
+    mem_kind = "rss over pre-session, own process" if on_cpu else "device over pre-session"
+    cpu_memory = dict.fromkeys(opts.refs)
+    max_refs = max(opts.refs)
+    if on_cpu and opts.memory:  # in a fresh interpreter: here, memory an earlier session freed would be reused unseen
+        progress(f"{point.where} {runtime} {precision} memory")
+        cpu_memory = _cpu_memory(_MemoryProbe(runtime, point.path, precision, opts.threads, source, point.block, opts.refs,
+                                              point.frames[1:max_refs + 1].numpy(), point.target))
+    base = None if on_cpu else device_memory_used()
+    session = open_session(runtime, point.path, precision, opts.threads, model=point.model)
+    h, w = point.size
+    truth = point.frames[:1].numpy()
+    for refs in opts.refs:
+        progress(f"{point.where} {runtime} {precision} {refs} refs")
+        refs_hr = point.frames[1:refs + 1].numpy()
+        encode, frame, memory = _measure(session, refs_hr, point.target, opts, mem_kind, base)
+        memory = cpu_memory[refs] if on_cpu else memory
+        out = session(point.target)  # references of this count are set: the frame the timings measured
+        quality = {"psnr_vs_fp32_db": min(psnr_db(out, point.fp32_frames[refs]), EXACT_DB),
+                   "psnr_vs_truth_db": psnr_db(np.clip(out, 0, 1), truth) if opts.frames else None}
+        kv = session.kv_nbytes()
+        by_graph = point.costs[refs]
+        for stage, t, cost in (("encode", encode, by_graph["reference_encoder"]), ("frame", frame, by_graph["frame"])):
+            result.rows.append(ProfileRow(point.block, runtime, precision, refs, stage, t.min_ms, t.p50_ms, t.p90_ms,
+                                          t.p99_ms, t.fps, t.iters, memory, mem_kind, kv, cost["flops"], cost["params"],
+                                          **quality, height=h, width=w))
+        if opts.ops and runtime == "ort":
+            result.ops.append(_ops_row(session, point.block, precision, refs, refs_hr, point.target, opts) | {"height": h, "width": w})
+        progress(f"{point.where} {runtime} {refs} refs", advance=1)
+    session.close()
 
 EXACT_DB = 200.0  # PSNR at or above this is the same frame to float32 rounding (stored capped: JSON has no inf)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gemx.contract import graph_precision
 from gemx.errors import GemxError
-from gemx.exporter.contract import graph_precision
 from gemx.exporter.manifest import AUTO_RECORD, read_export_dir
 from gemx.frames import sample_frames
 from gemx.fs import atomic_write

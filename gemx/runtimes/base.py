@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from gemx.contract import Contract, within
 from gemx.errors import GemxError
-from gemx.exporter.contract import Contract, within
 from gemx.frames import as_array
 
 # Resampled frames overshoot [0, 1] a little (bicubic ringing); 0-255 pixels are far outside.

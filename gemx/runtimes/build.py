@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gemx.contract import within
 from gemx.errors import GemxError, check_positive
-from gemx.exporter.contract import within
 from gemx.exporter.manifest import TIMING_CACHE, ExportDir, read_export_dir, sha256
 from gemx.frames import sample_frames
 from gemx.fs import atomic_dir, atomic_write, refuse_foreign
@@ -121,7 +121,7 @@ def _claim(out: Path, force: bool) -> None:
 def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResult:
     import onnxruntime as ort
 
-    from gemx.runtimes.ort_int8 import PREPARATION_REVISION, ort_cpu_graph
+    from gemx.int8.ort_cpu import ort_cpu_graph, preparation_revision
 
     precision = opts.precision
     out = export.path / ort_cpu_dir(precision)
@@ -146,8 +146,8 @@ def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResul
         }
         if precision == "int8":
             record["prepared"] = ("uint8 activations, int32 biases, whole channel blocks, pads of uint8 tensors, one-node unit "
-                                  "queries, for ONNX Runtime's x86 kernels (gemx.runtimes.ort_int8)")
-            record["preparation_revision"] = PREPARATION_REVISION
+                                  "queries, for ONNX Runtime's x86 kernels (gemx.int8.ort_cpu)")
+            record["preparation_revision"] = preparation_revision()
         write_record(tmp, record)
     result = BuildResult("ort-cpu", out, record)
     progress("accuracy gate")

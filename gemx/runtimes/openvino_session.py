@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from gemx.contract import graph_precision
 from gemx.errors import GemxError
-from gemx.exporter.contract import graph_precision
 from gemx.exporter.manifest import ExportDir
 from gemx.runtimes.base import Session
 from gemx.runtimes.cpu import bf16_native

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from gemx.exporter.contract import Contract, GraphSpec
+from gemx.contract import Contract, GraphSpec
 from gemx.exporter.manifest import TRT_EP_CACHE, ExportDir
 from gemx.runtimes.base import Session, missing_backend
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gemx.contract import graph_precision
 from gemx.errors import GemxError
-from gemx.exporter.contract import graph_precision
 from gemx.runtimes.base import Session
 
 RUNTIMES = ("torch", "ort", "openvino", "torch-cuda", "ort-cuda", "ort-tensorrt", "tensorrt")
@@ -132,7 +132,7 @@ def open_session(runtime: str, export_path: Path, precision: str = "fp32", threa
     if provider == "cpu" and precision != "fp16":
         graphs = _ort_cpu_build(export, precision)
         if graphs is None and precision == "int8":  # not built: prepared now, in memory
-            from gemx.runtimes.ort_int8 import ort_cpu_graph
+            from gemx.int8.ort_cpu import ort_cpu_graph
 
             graphs = {g: ort_cpu_graph(export.graph_path(g, precision), precision) for g in ("reference_encoder", "frame")}
     return OrtSession(export, provider, precision, threads, graphs=graphs)
@@ -145,9 +145,9 @@ def _ort_cpu_build(export, precision: str) -> dict[str, Path] | None:
     The export's files were just verified against the manifest's sha256, so the manifest is the reference;
     the optimized graphs are verified against their build record.
     """
+    from gemx.int8.ort_cpu import preparation_revision
     from gemx.runtimes.build import ort_cpu_dir
     from gemx.runtimes.build_record import RECORD, read_record
-    from gemx.runtimes.ort_int8 import PREPARATION_REVISION
 
     path = export.path / ort_cpu_dir(precision)
     if precision not in export.precisions or not (path / RECORD).exists():
@@ -156,7 +156,7 @@ def _ort_cpu_build(export, precision: str) -> dict[str, Path] | None:
     built_from = export.manifest["precisions"][precision]["graphs"]
     if any(built_from[g]["sha256"] != sha for g, sha in record["onnx_sha256"].items()):
         return None
-    if precision == "int8" and record.get("preparation_revision") != PREPARATION_REVISION:
+    if precision == "int8" and record.get("preparation_revision") != preparation_revision():
         return None
     return {g: path / f for g, f in record["graphs"].items()}
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gemx.contract import Contract
 from gemx.errors import GemxError
-from gemx.exporter.contract import Contract
 from gemx.exporter.graphs import FrameGraph, ReferenceEncoderGraph
 from gemx.model.network import GeminoAttention
 from gemx.runtimes.base import Session

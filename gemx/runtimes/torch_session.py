@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gemx.exporter.contract import Contract
+from gemx.contract import Contract
 from gemx.model.network import GeminoAttention, ReferenceCache
 from gemx.runtimes.base import Session
 

@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
+from gemx.contract import Contract
 from gemx.errors import GemxError
-from gemx.exporter.contract import Contract
 from gemx.frames import as_array
 from gemx.model.config import ModelConfig
 from gemx.serving.repository import KV_BYTES_OUTPUT, MODEL_NAME, STREAMS_OUTPUT

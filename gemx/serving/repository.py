@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gemx
+from gemx.contract import BATCH, Contract, TensorSpec, graph_precision
 from gemx.errors import GemxError, check_positive
-from gemx.exporter.contract import BATCH, Contract, TensorSpec, graph_precision
 from gemx.exporter.manifest import MANIFEST, WRITTEN_LATER, ExportDir, read_export_dir, sha256
 from gemx.fs import atomic_dir, check_target, json_field
 from gemx.runtimes.cpu import bf16_native

@@ -143,8 +143,8 @@ def _score(scores: dict, original: np.ndarray, result: np.ndarray, bicubic: np.n
 
 
 def _open(ckpt, opts: UpscaleOptions, refs: int, status):
+    from gemx.contract import graph_precision
     from gemx.exporter.cache import cached_export
-    from gemx.exporter.contract import graph_precision
     from gemx.runtimes.registry import check_precision, open_session, resolve_runtime
 
     runtime = resolve_runtime(opts.runtime)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gemx import GemxError
-from gemx.exporter.contract import REFS, Contract
+from gemx.contract import REFS, Contract
 from gemx.exporter.export import ExportOptions, export
 from gemx.exporter.manifest import read_export_dir
 from gemx.exporter.trt_check import check_tensorrt_compat

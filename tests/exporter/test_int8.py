@@ -14,12 +14,12 @@ from gemx import GemxError
 from gemx.cli import app
 from gemx.exporter.export import ExportOptions, export
 from gemx.exporter.manifest import read_export_dir, sha256
-from gemx.exporter.quantize import RANGES_FILE, load_ranges, shipped_ranges_path
 from gemx.exporter.validate import INT8_PSNR_GOAL
+from gemx.int8.ort_cpu import prepare_for_ort_cpu
+from gemx.int8.ranges import RANGES_FILE, load_ranges, shipped_ranges_path
 from gemx.metrics import psnr_db
 from gemx.runtimes.build import BuildOptions, build
 from gemx.runtimes.cpu import bf16_native
-from gemx.runtimes.ort_int8 import prepare_for_ort_cpu
 from gemx.runtimes.registry import open_session, runtime_available
 from tests.conftest import frames, videos_or_skip
 
@@ -93,7 +93,7 @@ def test_int8_graphs_are_tensorrt_qdq(int8_export):
 def test_the_cache_is_int8_with_one_scale_per_tensor_in_both_graphs(int8_export):
     """The encoder writes each int8 cache tensor through a Q, the frame graph reads it through a DQ with the same
     scale: every value_i, and key_i where its dot products are 64 channels deep or more (here key_2 only)."""
-    from gemx.exporter.contract import Contract
+    from gemx.contract import Contract
 
     _, result = int8_export
     export_dir = read_export_dir(result.path)
@@ -221,7 +221,7 @@ def test_ort_preparation_fuses_every_quantized_conv(int8_export):
 def test_int8_frame_graph_runs_its_head_on_phases(int8_export):
     """The INT8 frame graph's source has the sub-pixel head: one bilinear Resize fewer than the FP32 graph, the RGB
     phases laid out by a DepthToSpace, and the edge Pad before it quantized on its input's grid."""
-    from gemx.exporter.quantize import graph_links
+    from gemx.int8.graph import graph_links
 
     _, result = int8_export
     export_dir = read_export_dir(result.path)
@@ -241,7 +241,7 @@ def test_ort_preparation_pads_short_convolutions_without_changing_an_output_bit(
     layer (3 input channels) reads 4, and both compute exactly what the unpadded Convs compute."""
     import onnxruntime as ort
 
-    from gemx.runtimes import ort_int8
+    from gemx.int8 import ort_cpu
 
     _, result = int8_export
     export_dir = read_export_dir(result.path)
@@ -250,9 +250,9 @@ def test_ort_preparation_pads_short_convolutions_without_changing_an_output_bit(
         kv = session.encode(frames(2, 64, seed=4).numpy()).kv
     feeds = {"target_lr": frames(1, 16, seed=5).numpy(), **kv}
     outs = []
-    for block, group in ((ort_int8.CONV_CHANNEL_BLOCK, ort_int8.CONV_INPUT_GROUP), (1, 1)):  # 1: no Conv is padded
-        monkeypatch.setattr(ort_int8, "CONV_CHANNEL_BLOCK", block)
-        monkeypatch.setattr(ort_int8, "CONV_INPUT_GROUP", group)
+    for block, group in ((ort_cpu.CONV_CHANNEL_BLOCK, ort_cpu.CONV_INPUT_GROUP), (1, 1)):  # 1: no Conv is padded
+        monkeypatch.setattr(ort_cpu, "CONV_CHANNEL_BLOCK", block)
+        monkeypatch.setattr(ort_cpu, "CONV_INPUT_GROUP", group)
         opts = ort.SessionOptions()
         opts.optimized_model_filepath = str(result.path.parent / f"optimized{block}.onnx")
         session = ort.InferenceSession(prepare_for_ort_cpu(proto).SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -272,7 +272,7 @@ def test_ort_preparation_normalises_queries_in_one_node_without_changing_an_outp
     frame is the same to the bit as with the exported chain."""
     import onnxruntime as ort
 
-    from gemx.runtimes import ort_int8
+    from gemx.int8 import ort_cpu
 
     _, result = int8_export
     proto = onnx.load(str(read_export_dir(result.path).graph_path("frame", "int8")))
@@ -282,7 +282,7 @@ def test_ort_preparation_normalises_queries_in_one_node_without_changing_an_outp
     outs = []
     for rewrite in (True, False):
         if not rewrite:
-            monkeypatch.setattr(ort_int8, "_unit_rows", lambda graph: None)
+            monkeypatch.setattr(ort_cpu, "_unit_rows", lambda graph: None)
         prepared = prepare_for_ort_cpu(proto)
         ops = Counter(n.op_type for n in prepared.graph.node)
         assert (ops["LpNormalization"], ops["ReduceL2"]) == ((3, 0) if rewrite else (0, 3))
@@ -310,7 +310,7 @@ def test_int8_sessions_match_fp32_and_the_cpu_build_is_used(int8_export):
         np.testing.assert_allclose(s(target), outs["int8"], atol=1e-5)  # the build is the in-memory preparation, saved
     record_path = built.path / "build.json"
     record = json.loads(record_path.read_text())
-    record_path.write_text(json.dumps({**record, "preparation_revision": record["preparation_revision"] - 1}))
+    record_path.write_text(json.dumps({**record, "preparation_revision": "other preparation code"}))
     with open_session("ort", result.path, "int8") as s:  # a build by an older gemx's preparation is passed over
         assert isinstance(s.frame_graph, bytes)
         s.set_references(refs)
@@ -322,6 +322,24 @@ def test_int8_sessions_match_fp32_and_the_cpu_build_is_used(int8_export):
         cache = f.encode(refs)  # a cache from a session of another precision is refused in one line
         with pytest.raises(GemxError, match="this int8 session takes value_0 as int8, got float32"):
             i.decode(target, cache)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("runtime", ["ort", "openvino"])
+def test_int8_frames_of_several_streams_in_one_execution_equal_each_alone(int8_export, runtime):
+    """INT8 sessions batch too (ORT's prepared graphs; OpenVINO's int8 kernels): int8 caches stacked, one scale."""
+    if not runtime_available(runtime)[0]:
+        pytest.skip(runtime_available(runtime)[1])
+    _, result = int8_export
+    with open_session(runtime, result.path, "int8", threads=1) as s:
+        caches = [s.encode(frames(2, 64, seed=60 + k).numpy()) for k in range(3)]
+        targets = [frames(1, 16, seed=70 + k).numpy() for k in range(3)]
+        alone = [s.decode(t, c) for t, c in zip(targets, caches, strict=True)]
+        before = s.executions
+        together = s.decode_batch(targets, caches)
+        assert s.executions - before == 1
+        for a, b in zip(alone, together, strict=True):
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
 
 
 def test_build_int8_needs_int8_graphs(tiny_export):
@@ -376,7 +394,7 @@ def _assert_int8_logits_where_keys_are_int8(export_dir):
     import onnxruntime as ort
 
     contract = export_dir.contract("int8")
-    assert [s.dtype for s in contract.kv if s.name.startswith("key_")] == ["float32", "int8", "int8"]
+    assert [s.dtype for s in contract.keys] == ["float32", "int8", "int8"]
     frame = onnx.load(str(export_dir.graph_path("frame", "int8")))
     inits = _initializers(frame)
     producer = {o: n for n in frame.graph.node for o in n.output}

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from gemx import GemxError
 from gemx.cli import app
-from gemx.exporter.contract import Contract
+from gemx.contract import Contract
 from gemx.model import load_checkpoint
 from gemx.profiles.measure import time_calls
 from gemx.profiles.sweep import ProfileOptions, profile

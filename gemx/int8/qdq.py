@@ -1,8 +1,6 @@
-"""INT8: calibrated activation ranges and QDQ graphs in the form TensorRT's explicit quantization takes.
+"""QDQ graphs in the form TensorRT's explicit quantization takes, from a range table (`gemx.int8.ranges`).
 
-One range table, two uses. Calibration runs the FP32 graphs on real frames (ONNX Runtime's MinMax
-calibrator) and keeps each quantized tensor's range in a small JSON table tied to the checkpoint's sha256;
-quantization turns that table into QDQ graphs: symmetric int8 activations (zero points 0), per-channel
+Quantization turns the table into QDQ graphs: symmetric int8 activations (zero points 0), per-channel
 symmetric int8 weights, float biases. Quantized: every Conv, and the decoder's sums of partial convolutions
 (so ONNX Runtime adds in int8 instead of dequantizing three tensors per level). The bicubic upsampler stays FP32: its
 output is the frame the network adds its residual to, and a symmetric int8 grid over a frame's [-0.1, 1.1] is coarser
@@ -16,15 +14,15 @@ and the residual over the bicubic frame stay FP32. The frame graph quantized is 
 convolutions run at a quarter of the pixels with four times the channels, which int8 convolutions turn into speed,
 and no upsampled tensor is quantized; it differs from the FP32 graph only on the frame's outer 2 pixels.
 
-A shipped checkpoint carries its table next to it (`NAME.int8.json`), so `gemx export --int8` needs no video;
-any other checkpoint calibrates on `--calib VIDEO|DIR`, and the export keeps the table it used.
+ONNX Runtime's quantizer places the Q/DQ pairs; then each pass of QDQ_PASSES rewrites the graph, in order, and the
+result is checked against TensorRT's form (`gemx.int8.trt_form`).
 """
+
 
 from __future__ import annotations
 
-import json
-import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,147 +30,45 @@ import numpy as np
 import onnx
 
 from gemx.errors import GemxError
-from gemx.exporter.contract import Contract
-from gemx.exporter.validate import ort_session
-from gemx.frames import cached_frames, to_tensor
 from gemx.fs import atomic_write
-from gemx.model.lr import downsample
+from gemx.int8.graph import add_scale, drop_unused_initializers, graph_links, pad_adds_no_values, set_type
+from gemx.int8.trt_form import check_tensorrt_form
 
-RANGES_FORMAT = "gemx-int8-ranges"
-RANGES_VERSION = 1
-RANGES_FILE = "int8_ranges.json"  # the table an export was quantized with, kept in the export
-METHOD = "ptq-minmax"
 QUANTIZED_OPS = ["Conv", "Add"]  # Adds: only the decoder's sums of partial convolutions (`feature_sums`)
 INT8_OPS = ("Conv", "Add", "MatMul")  # ops that run in int8 when their operands come through DQs
-CALIB_FRAMES = 48  # frame-graph samples over all calibration videos
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 RGB_CHANNELS = 3
 
 
 @dataclass(frozen=True)
-class RangeTable:
-    """Calibrated [lowest, highest] per quantized tensor, per graph, for one checkpoint."""
-    checkpoint_sha256: str
-    block_size: int
-    source: str  # what it was calibrated on, in words
-    frames: int
-    graphs: dict[str, dict[str, tuple[float, float]]]
+class Int8Cache:
+    """The cache tensors the INT8 contract holds in int8, with their calibrated ranges: both graphs use one scale
+    each (the encoder quantizes them, the frame graph dequantizes them alike)."""
 
-    def to_dict(self) -> dict:
-        return {"format": RANGES_FORMAT, "version": RANGES_VERSION, "method": METHOD,
-                "checkpoint_sha256": self.checkpoint_sha256, "block_size": self.block_size,
-                "calibration": {"source": self.source, "frames": self.frames},
-                "graphs": {g: {t: list(r) for t, r in sorted(ranges.items())} for g, ranges in self.graphs.items()}}
-
-    def save(self, path: Path) -> None:
-        text = json.dumps(self.to_dict(), indent=1) + "\n"
-        atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+    ranges: dict[str, tuple[float, float]]
+    keys: frozenset[str]  # which of them are keys (the logits' right-hand side), by the contract's names
 
 
-def shipped_ranges_path(checkpoint: Path) -> Path:
-    return Path(checkpoint).with_suffix(".int8.json")
-
-
-def load_ranges(path: Path, checkpoint_sha256: str) -> RangeTable:
-    """A range table, refused unless it is well formed and was calibrated for exactly this checkpoint."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-        if d.get("format") != RANGES_FORMAT or d.get("version") != RANGES_VERSION or d.get("method") != METHOD:
-            raise ValueError(f"not a {RANGES_FORMAT} v{RANGES_VERSION} table")
-        graphs = {g: {t: (float(lo), float(hi)) for t, (lo, hi) in ranges.items()} for g, ranges in d["graphs"].items()}
-        if not all(math.isfinite(v) for ranges in graphs.values() for r in ranges.values() for v in r):
-            raise ValueError("a range is not finite")
-        table = RangeTable(d["checkpoint_sha256"], int(d["block_size"]), str(d["calibration"]["source"]),
-                           int(d["calibration"]["frames"]), graphs)
-    except OSError as e:
-        raise GemxError(f"cannot read INT8 range table {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise GemxError(f"{path} is not a usable INT8 range table ({e}); calibrate again with --calib VIDEO|DIR") from None
-    if table.checkpoint_sha256 != checkpoint_sha256:
-        raise GemxError(f"{path} was calibrated for another checkpoint; calibrate this one with --calib VIDEO|DIR")
-    return table
-
-
-def calibration_videos(paths: list[Path]) -> list[Path]:
-    """`--calib` values: videos, or folders holding videos (not searched recursively)."""
-    videos = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES and f.is_file())
-            if not found:
-                raise GemxError(f"--calib {p}: the folder holds no videos ({', '.join(VIDEO_SUFFIXES)})")
-            videos += found
-        elif p.is_file():
-            videos.append(p)
-        else:
-            raise GemxError(f"--calib {p} does not exist; name a talking-head video or a folder of them")
-    return videos
-
-
-def calibrate(fp32_paths: tuple[Path, Path], contract: Contract, videos: list[Path], checkpoint_sha256: str,
-              progress=lambda msg: None) -> RangeTable:
-    """Run the (constant-folded) FP32 graphs over frames of `videos` and keep the range of every quantized op's
-    input and output, and of the keys and values the encoder writes.
-
-    Frame-graph samples: CALIB_FRAMES targets spread over the videos, each attending to 1 or 2 other frames
-    of its own video; encoder samples: those reference sets."""
-    cfg = contract.config
-    per_video = max(2, -(-CALIB_FRAMES // len(videos)))
-    encoder_feeds, frame_feeds = [], []
-    encoder = ort_session(fp32_paths[0])
-    kv_names = [s.name for s in contract.kv]
-    cache_amax = {s.name: 0.0 for s in contract.kv}
-    for video in videos:
-        progress(f"reading calibration frames of {video.name}")
-        frames = cached_frames(video, cfg.size)
-        if len(frames) < 3:
-            raise GemxError(f"--calib {video}: {len(frames)} frames; calibration needs at least 3 per video")
-        picks = np.linspace(0, len(frames) - 1, per_video + 2).round().astype(int)
-        refs_hr = to_tensor(np.asarray(frames[picks[:2]])).numpy()
-        targets = downsample(to_tensor(np.asarray(frames[picks[2:]])), cfg.scale).numpy()
-        for i, target in enumerate(targets):
-            refs = refs_hr[: 1 + i % 2]
-            if i < 2:
-                encoder_feeds.append({"references": refs})
-            kv = dict(zip(kv_names, encoder.run(kv_names, {"references": refs}), strict=True))
-            frame_feeds.append({"target_lr": target[None], **kv})
-            cache_amax = {name: max(amax, float(np.abs(kv[name]).max())) for name, amax in cache_amax.items()}
-    graphs = {}
-    for spec, path, feeds in zip(contract.graphs, fp32_paths, (encoder_feeds, frame_feeds), strict=True):
-        progress(f"calibrating {spec.name} on {len(feeds)} samples")
-        graphs[spec.name] = _calibrated_ranges(path, feeds)
-    graphs["reference_encoder"].update({name: (-amax, amax) for name, amax in cache_amax.items()})
-    source = f"{len(videos)} video{'s' if len(videos) > 1 else ''}: {', '.join(v.name for v in videos)}"
-    return RangeTable(checkpoint_sha256, cfg.block_size, source, len(frame_feeds), graphs)
-
-
-def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path,
-             cache_ranges: dict[str, tuple[float, float]]) -> onnx.ModelProto:
-    """The QDQ INT8 graph of one (constant-folded) FP32 graph from its calibrated ranges; `cache_ranges`: those of
-    the cache tensors held in int8, which the encoder graph quantizes and the frame graph dequantizes alike."""
+def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path, cache: Int8Cache) -> onnx.ModelProto:
+    """The QDQ INT8 graph of one (constant-folded) FP32 graph from its calibrated ranges: ONNX Runtime's quantizer
+    places the Q/DQ pairs, then QDQ_PASSES rewrite them in order, and the result is checked against TensorRT's form."""
     from onnxruntime.quantization import CalibrationMethod, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
     with tempfile.TemporaryDirectory(prefix="gemx-int8-") as tmp:
-        cache = Path(tmp) / "ranges.json"
+        table_path = Path(tmp) / "ranges.json"
         table = {t: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for t, (lo, hi) in ranges.items()}
-        save_tensors_data(TensorsData(CalibrationMethod.MinMax, table), cache)
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, table), table_path)
         quantized = Path(tmp) / "int8.onnx"
         try:
-            quantize_static(str(fp32_path), str(quantized), None, calibration_cache_path=cache, **_quant_args(fp32_path))
+            quantize_static(str(fp32_path), str(quantized), None, calibration_cache_path=table_path,
+                            **quantizer_args(fp32_path))
         except (KeyError, ValueError) as e:  # ORT: a tensor to quantize without calibrated parameters
             raise GemxError(f"the INT8 range table has no range for a tensor of {fp32_path.name} ({str(e).splitlines()[0]}; "
                             "made for another gemx or torch version?); calibrate again with --calib VIDEO|DIR") from None
         proto = onnx.load(str(quantized))
-    _quantize_after_relu(proto)
-    _float_sources_stay_float(proto)
-    _pads_keep_grid(proto)
-    drop_unused_initializers(proto.graph)
-    _int8_cache(proto, cache_ranges)
-    _quantize_queries(proto)
-    _quantize_probabilities(proto)
-    _check_qdq(proto, fp32_path.name)
+    for rewrite in QDQ_PASSES:
+        rewrite(proto, cache)
+    check_tensorrt_form(proto, fp32_path.name)
     atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)))
     return proto
 
@@ -209,7 +105,7 @@ def feature_sums(proto: onnx.ModelProto) -> list[str]:
     return sums
 
 
-def _quant_args(fp32_path: Path) -> dict:
+def quantizer_args(fp32_path: Path) -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 
     proto = onnx.load(str(fp32_path))
@@ -221,36 +117,7 @@ def _quant_args(fp32_path: Path) -> dict:
                                "QuantizeBias": False})  # TensorRT takes float biases; ORT's CPU build quantizes them
 
 
-def _calibrated_ranges(fp32_path: Path, feeds: list[dict]) -> dict[str, tuple[float, float]]:
-    from onnxruntime.quantization import quantize_static
-    from onnxruntime.quantization.calibrate import load_tensors_data
-
-    class Reader:
-        def __init__(self):
-            self.it = iter(feeds)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    with tempfile.TemporaryDirectory(prefix="gemx-calib-") as tmp:
-        cache = Path(tmp) / "ranges.json"
-        quantize_static(str(fp32_path), str(Path(tmp) / "int8.onnx"), Reader(), calibration_cache_path=cache,
-                        **_quant_args(fp32_path))
-        data = load_tensors_data(cache).data
-    return {t: (float(np.asarray(d.range_value[0]).item()), float(np.asarray(d.range_value[1]).item())) for t, d in data.items()}
-
-
-def graph_links(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
-    """(the node producing each tensor, the nodes reading each tensor) of one graph."""
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    return producer, consumers
-
-
-def _quantize_after_relu(proto: onnx.ModelProto) -> None:
+def quantize_after_relu(proto: onnx.ModelProto, cache: Int8Cache) -> None:
     """Conv (or a sum) -> Q -> DQ -> Relu becomes Conv -> Relu -> Q -> DQ; where the Relu is only read by Qs of its
     own, the pair is dropped (Conv -> Relu -> Q).
 
@@ -290,7 +157,7 @@ def _quantize_after_relu(proto: onnx.ModelProto) -> None:
         g.node.remove(n)
 
 
-def _float_sources_stay_float(proto: onnx.ModelProto) -> None:
+def float_sources_stay_float(proto: onnx.ModelProto, cache: Int8Cache) -> None:
     """A float tensor quantized for the int8 op that reads it (an encoder's first layer reads the upsampled frame or
     the references) stays float for its float readers (the residual over the bicubic frame, the references'
     downsampling for the keys): ONNX Runtime's quantizer hands every reader the dequantized copy. Int8 results (a
@@ -312,7 +179,7 @@ def _float_sources_stay_float(proto: onnx.ModelProto) -> None:
                 reader.input[:] = [q.input[0] if i == dq.output[0] else i for i in reader.input]
 
 
-def _pads_keep_grid(proto: onnx.ModelProto) -> None:
+def pads_keep_grid(proto: onnx.ModelProto, cache: Int8Cache) -> None:
     """DQ -> Pad -> Q: the Q (and the DQs reading it) take the DQ's scale. A Pad that copies values (edge, reflect,
     wrap) or pads zeros only holds values of its input's grid, so the Pad's own calibrated range rounds once more for
     nothing; on one grid, ONNX Runtime's preparation pads the int8 tensor itself (the sub-pixel head's edge Pad)."""
@@ -328,29 +195,17 @@ def _pads_keep_grid(proto: onnx.ModelProto) -> None:
                 n.input[1], n.input[2] = dq.input[1], dq.input[2]
 
 
-def pad_adds_no_values(pad: onnx.NodeProto) -> bool:
-    """A Pad that copies its input's values (edge, reflect, wrap) or pads zeros."""
-    mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
-    return mode != "constant" or len(pad.input) < 3 or not pad.input[2]
-
-
-def drop_unused_initializers(g: onnx.GraphProto) -> None:
-    used = {i for n in g.node for i in n.input}
-    for init in [i for i in g.initializer if i.name not in used]:
-        g.initializer.remove(init)
-
-
-def _int8_cache(proto: onnx.ModelProto, cache_ranges: dict[str, tuple[float, float]]) -> None:
-    """The cache tensors named in `cache_ranges` in int8 (symmetric, one scale each): the encoder ends each such
+def int8_cache(proto: onnx.ModelProto, cache: Int8Cache) -> None:
+    """The cache tensors of `cache` in int8 (symmetric, one scale each): the encoder ends each such
     output with a Q, the frame graph reads each as int8 and dequantizes it where an attention product reads it
     (after free reshapes), so that the product runs in int8 and the cache takes a quarter of the memory."""
     g = proto.graph
     producer, consumers = graph_links(g)
     outputs = {o.name for o in g.output}
-    names = [t.name for t in (*g.input, *g.output) if t.name in cache_ranges]
+    names = [t.name for t in (*g.input, *g.output) if t.name in cache.ranges]
     for v in names:
-        amax = max(abs(cache_ranges[v][0]), abs(cache_ranges[v][1]), 1e-8)  # an all-zero level still gets a valid scale
-        scale, zero = _add_scale(g, v, amax / 127)
+        amax = max(abs(cache.ranges[v][0]), abs(cache.ranges[v][1]), 1e-8)  # an all-zero level still gets a valid scale
+        scale, zero = add_scale(g, v, amax / 127)
         if v in outputs:  # encoder: ... -> Q -> key_i / value_i (int8)
             node = producer[v]
             node.output[:] = [f"{v}_float" if o == v else o for o in node.output]
@@ -360,7 +215,7 @@ def _int8_cache(proto: onnx.ModelProto, cache_ranges: dict[str, tuple[float, flo
             tensor = v
             while len(consumers.get(tensor, [])) == 1 and consumers[tensor][0].op_type == "Reshape":
                 tensor = consumers[tensor][0].output[0]
-                _set_type(g, tensor, onnx.TensorProto.INT8)
+                set_type(g, tensor, onnx.TensorProto.INT8)
             for reader in consumers[tensor]:
                 reader.input[:] = [f"{tensor}_dq" if i == tensor else i for i in reader.input]
             first_reader = min(list(g.node).index(r) for r in consumers[tensor])
@@ -370,30 +225,24 @@ def _int8_cache(proto: onnx.ModelProto, cache_ranges: dict[str, tuple[float, flo
         io.type.tensor_type.elem_type = onnx.TensorProto.INT8
 
 
-def _set_type(g: onnx.GraphProto, tensor: str, elem_type: int) -> None:
-    for info in g.value_info:
-        if info.name == tensor:
-            info.type.tensor_type.elem_type = elem_type
-
-
-def _quantize_queries(proto: onnx.ModelProto) -> None:
+def quantize_queries(proto: onnx.ModelProto, cache: Int8Cache) -> None:
     """Q/DQ on the queries where they meet the int8 keys: queries are unit vectors (every component in [-1, 1]), so
     the scale is 1/127 without calibration, and the logits run as an int8 product with float output."""
     g = proto.graph
     producer, _ = graph_links(g)
     for matmul in [n for n in g.node if n.op_type == "MatMul"]:
         keys = producer.get(matmul.input[1])
-        if keys is None or keys.op_type != "DequantizeLinear" or not keys.name.startswith("key_"):
+        if keys is None or keys.op_type != "DequantizeLinear" or keys.name not in {f"{k}_dequantize" for k in cache.keys}:
             continue
         q = matmul.input[0]
-        scale, zero = _add_scale(g, q, 1 / 127)
+        scale, zero = add_scale(g, q, 1 / 127)
         at = list(g.node).index(matmul)
         g.node.insert(at, onnx.helper.make_node("DequantizeLinear", [f"{q}_q", scale, zero], [f"{q}_dq"], name=f"{q}_dequantize"))
         g.node.insert(at, onnx.helper.make_node("QuantizeLinear", [q, scale, zero], [f"{q}_q"], name=f"{q}_quantize"))
         matmul.input[0] = f"{q}_dq"
 
 
-def _quantize_probabilities(proto: onnx.ModelProto) -> None:
+def quantize_probabilities(proto: onnx.ModelProto, cache: Int8Cache) -> None:
     """Q/DQ on the attention probabilities where they meet the int8 values: softmax lies in [0, 1], so the scale is
     1/127 without calibration (ONNX Runtime's preparation makes it uint8 over the same range: 1/255)."""
     g = proto.graph
@@ -403,7 +252,7 @@ def _quantize_probabilities(proto: onnx.ModelProto) -> None:
         if not any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for r in readers for i in r.input):
             continue  # no int8 partner: the product stays float
         p = softmax.output[0]
-        scale, zero = _add_scale(g, p, 1 / 127)
+        scale, zero = add_scale(g, p, 1 / 127)
         q = onnx.helper.make_node("QuantizeLinear", [p, scale, zero], [f"{p}_q"], name=f"{softmax.name}_quantize")
         dq = onnx.helper.make_node("DequantizeLinear", [f"{p}_q", scale, zero], [f"{p}_dq"], name=f"{softmax.name}_dequantize")
         for r in readers:
@@ -413,23 +262,18 @@ def _quantize_probabilities(proto: onnx.ModelProto) -> None:
         g.node.insert(at, q)
 
 
-def _add_scale(g: onnx.GraphProto, tensor: str, scale: float) -> tuple[str, str]:
-    """Initializers for a symmetric int8 Q/DQ pair of `tensor`: (scale, zero point 0)."""
-    g.initializer.extend([onnx.numpy_helper.from_array(np.array(scale, np.float32), f"{tensor}_int8_scale"),
-                          onnx.numpy_helper.from_array(np.array(0, np.int8), f"{tensor}_int8_zero_point")])
-    return f"{tensor}_int8_scale", f"{tensor}_int8_zero_point"
+def drop_unused(proto: onnx.ModelProto, cache: Int8Cache) -> None:
+    """Initializers the passes before it left unread (the Q/DQ pairs `quantize_after_relu` dropped)."""
+    drop_unused_initializers(proto.graph)
 
 
-def _check_qdq(proto: onnx.ModelProto, name: str) -> None:
-    """What TensorRT's explicit quantization requires: int8 Q/DQ with zero points 0."""
-    inits = {i.name: i for i in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
-            zp = onnx.numpy_helper.to_array(inits[node.input[2]])
-            if zp.dtype != np.int8 or zp.any():
-                raise GemxError(f"{name}: {node.name} has a non-zero or non-int8 zero point; not TensorRT's QDQ form")
-
-
-def calibration_frames_needed(checkpoint: Path) -> GemxError:
-    return GemxError(f"INT8 needs calibration frames for {Path(checkpoint).name}: pass --calib VIDEO|DIR "
-                     "(real talking-head video of the kind you will serve)")
+# What turns ONNX Runtime's QDQ placement into gemx's, in order: each a rewrite of one graph in place.
+QDQ_PASSES: tuple[Callable[[onnx.ModelProto, Int8Cache], None], ...] = (
+    quantize_after_relu,  # Conv -> Q -> DQ -> Relu becomes Conv -> Relu -> Q -> DQ (TensorRT's placement)
+    float_sources_stay_float,  # float readers of a tensor quantized for an int8 op read the float tensor
+    pads_keep_grid,  # DQ -> Pad -> Q keeps the input's grid
+    drop_unused,
+    int8_cache,  # the cache tensors in int8: Q at the encoder's outputs, DQ where the frame graph's products read them
+    quantize_queries,  # the queries at 1/127 where they meet int8 keys
+    quantize_probabilities,  # the softmax at 1/127 where it meets int8 values
+)

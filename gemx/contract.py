@@ -106,6 +106,11 @@ class Contract:
         return self._kv(batched=False)
 
     @property
+    def keys(self) -> tuple[TensorSpec, ...]:
+        """The key specs of `kv` (key_0, key_1, ...): the logits' right-hand side."""
+        return self.kv[0::2]
+
+    @property
     def batch_kv(self) -> tuple[TensorSpec, ...]:
         """The frame graph's key and value inputs: the caches of a batch's streams stacked on the first axis."""
         return self._kv(batched=True)

@@ -12,8 +12,8 @@ int32 biases and matching input/output types. So, tensor by tensor, with the sam
 - x / max(||x||, eps) over dequantized rows (the unit queries) becomes one LpNormalization, the same numbers;
 - a quantized Conv whose output channels are not a multiple of 16 (the decoder's RGB head: 3 in 4 phases, 12)
   computes zero channels up to the next multiple, and its int8 output is sliced back: MLAS's int8 convolutions work
-  in blocks of 16 output channels, and a remainder takes a path that is slower than the whole block (256x256,
-  16 -> 3: 1.30 ms; 16 -> 16: 0.66 ms).
+  in blocks of 16 output channels, and a remainder takes a path that is slower than the whole block (measured in
+  docs/int8.md).
 Weights stay int8 per channel; no grid changes beyond these. The result is checked against FP32 like any build.
 """
 
@@ -23,59 +23,23 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from gemx.exporter.quantize import drop_unused_initializers, graph_links, pad_adds_no_values
+from gemx.int8.graph import DEQUANTIZE, QUANTIZE, Graph, drop_unused_initializers
+from gemx.revision import code_revision
 
-QUANTIZE, DEQUANTIZE = "QuantizeLinear", "DequantizeLinear"
-PREPARATION_REVISION = 4  # bumped with each change to what prepare_for_ort_cpu writes; older builds are not used
 CONV_CHANNEL_BLOCK = 16  # output channels MLAS's int8 convolution kernels compute at once
 CONV_INPUT_GROUP = 4  # input channels MLAS's int8 convolutions take at once (VNNI multiplies 4 bytes by 4 bytes)
 
 
-class _Graph:
-    """One graph being rewritten: its initializers by name, who produces and who reads each tensor."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.g = graph
-        self.inits = {i.name: i for i in graph.initializer}
-        self.relink()
-
-    def value(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.inits[name])
-
-    def relink(self) -> None:
-        """Producers and readers again, after a pass that removed or rewired nodes."""
-        self.producer, self.consumers = graph_links(self.g)
-
-    def add(self, array: np.ndarray, name: str) -> str:
-        self.g.initializer.append(numpy_helper.from_array(array, name))
-        self.inits[name] = self.g.initializer[-1]
-        return name
-
-    def quantized_convs(self) -> list[onnx.NodeProto]:
-        """Convs reading a dequantized input and dequantized weights."""
-        return [n for n in self.g.node if n.op_type == "Conv" and all(self.dequantized(i) for i in n.input[:2])]
-
-    def dequantized(self, tensor: str) -> bool:
-        return tensor in self.producer and self.producer[tensor].op_type == DEQUANTIZE
-
-    def has_float_bias(self, conv: onnx.NodeProto) -> bool:
-        return len(conv.input) > 2 and conv.input[2] in self.inits
-
-    def non_negative(self, tensor: str) -> bool:
-        """Written by a Relu or a Softmax, or a Pad of such a tensor's quantized values (zero or edge padding)."""
-        source = self.producer.get(tensor)
-        if source is not None and source.op_type == "Pad" and self.dequantized(source.input[0]) and pad_adds_no_values(source):
-            q = self.producer.get(self.producer[source.input[0]].input[0])
-            return q is not None and q.op_type == QUANTIZE and self.non_negative(q.input[0])
-        return source is not None and source.op_type in ("Relu", "Softmax")
+def preparation_revision() -> str:
+    """What decides the prepared graphs: a build made by other preparation code is not used."""
+    return code_revision("int8/ort_cpu.py", "int8/graph.py")
 
 
 def prepare_for_ort_cpu(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a TensorRT-form QDQ graph rewritten for ONNX Runtime's CPU provider."""
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
-    graph = _Graph(proto.graph)
+    graph = Graph(proto.graph)
     _uint8_activations(graph)
     _quantized_pads(graph)
     _unit_rows(graph)
@@ -89,7 +53,7 @@ def prepare_for_ort_cpu(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _uint8_activations(graph: _Graph) -> None:
+def _uint8_activations(graph: Graph) -> None:
     """Each symmetric int8 activation becomes uint8 over the same range (zero point 0 after a Relu or a Softmax)."""
     value, add = graph.value, graph.add
     for q in [n for n in graph.g.node if n.op_type == QUANTIZE]:
@@ -107,7 +71,7 @@ def _uint8_activations(graph: _Graph) -> None:
             n.input[1], n.input[2] = names
 
 
-def _quantized_pads(graph: _Graph) -> None:
+def _quantized_pads(graph: Graph) -> None:
     """DQ -> Pad -> Q on one grid (see `_pads_keep_grid` in the quantizer) becomes a Pad of the quantized tensor:
     no float copy of it, and ONNX Runtime pads the uint8 tensor in its NHWC layout."""
     value = graph.value
@@ -130,7 +94,7 @@ LAYOUT_ONLY = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")
 UNIT_EPS_MAX = 1e-6  # a clamp of the norm this small is below any int8 grid's step
 
 
-def _unit_rows(graph: _Graph) -> None:
+def _unit_rows(graph: Graph) -> None:
     """x / max(||x||, eps) over the last axis of dequantized values (the attention's unit queries, exported as
     ReduceL2 -> Clip -> Div) becomes one LpNormalization: the same numbers, since on an int8 grid a row's norm is 0 or
     at least a step, far above eps, and LpNormalization leaves a zero row zero as the clamp does. One node reads the
@@ -155,7 +119,7 @@ def _unit_rows(graph: _Graph) -> None:
     graph.relink()
 
 
-def _dequantized_values(graph: _Graph, tensor: str) -> bool:
+def _dequantized_values(graph: Graph, tensor: str) -> bool:
     """Whether `tensor` holds a DequantizeLinear's values, moved about by layout-only ops at most."""
     source = graph.producer.get(tensor)
     while source is not None and source.op_type in LAYOUT_ONLY:
@@ -163,7 +127,7 @@ def _dequantized_values(graph: _Graph, tensor: str) -> bool:
     return source is not None and source.op_type == DEQUANTIZE
 
 
-def _pad_output_channels(graph: _Graph, conv: onnx.NodeProto) -> None:
+def _pad_output_channels(graph: Graph, conv: onnx.NodeProto) -> None:
     """A quantized Conv (-> Relu) -> Q with output channels short of a multiple of CONV_CHANNEL_BLOCK computes zero
     channels up to it (zero weights and bias); its quantized output is sliced back to the channels it had."""
     w_dq = graph.producer[conv.input[1]]
@@ -202,10 +166,10 @@ def _pad_output_channels(graph: _Graph, conv: onnx.NodeProto) -> None:
     graph.g.value_info.extend(kept)
 
 
-def _pad_input_channels(graph: _Graph, conv: onnx.NodeProto) -> None:
+def _pad_input_channels(graph: Graph, conv: onnx.NodeProto) -> None:
     """A quantized Conv reading input channels short of a multiple of CONV_INPUT_GROUP (an encoder's first layer, RGB)
     reads the quantized input padded with zero-valued channels, through zero weights: the same sums, on MLAS's
-    whole-group path (256x256, 3 -> 32: 1.12 ms; 4 -> 32: 0.57)."""
+    whole-group path (measured in docs/int8.md)."""
     x_dq, w_dq = graph.producer[conv.input[0]], graph.producer[conv.input[1]]
     weights = graph.value(w_dq.input[0])
     extra = -weights.shape[1] % CONV_INPUT_GROUP
@@ -222,7 +186,7 @@ def _pad_input_channels(graph: _Graph, conv: onnx.NodeProto) -> None:
     graph.g.node.insert(list(graph.g.node).index(x_dq), padded)
 
 
-def _int32_bias(graph: _Graph, conv: onnx.NodeProto) -> None:
+def _int32_bias(graph: Graph, conv: onnx.NodeProto) -> None:
     """A quantized Conv's float bias becomes int32 at scale x_scale * w_scale, as QLinearConv needs."""
     value, add = graph.value, graph.add
     x, w = (graph.producer[i] for i in conv.input[:2])
