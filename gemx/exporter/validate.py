@@ -38,9 +38,12 @@ def ort_session(path: Path):
 
 def run_pipeline(encoder, frame, contract: Contract, refs_hr: np.ndarray, target_lr: np.ndarray) -> np.ndarray:
     """Composed encoder + frame graphs: what a deployment computes for one frame."""
-    kv = encoder.run([s.name for s in contract.kv], {"references": refs_hr})
-    feed = {"target_lr": target_lr, **{s.name: t for s, t in zip(contract.kv, kv, strict=True)}}
-    return frame.run(["frame_hr"], feed)[0]
+    return run_frame(frame, contract, target_lr, encoder.run([s.name for s in contract.kv], {"references": refs_hr}))
+
+
+def run_frame(frame, contract: Contract, target_lr: np.ndarray, kv: list[np.ndarray]) -> np.ndarray:
+    """The frame graph on target_lr [N, 3, h, w] and the encoder's outputs (or N streams' stacked)."""
+    return frame.run(["frame_hr"], {"target_lr": target_lr, **{s.name: t for s, t in zip(contract.kv, kv, strict=True)}})[0]
 
 
 def check_parity(model: GeminoAttention, contract: Contract, paths: tuple[Path, Path], refs_list: list[int],
@@ -78,8 +81,7 @@ def check_batch(paths: tuple[Path, Path], contract: Contract, frames: torch.Tens
         refs = frames[1:].roll(k, dims=0)[:2]  # each stream its own reference set
         caches.append(encoder.run(names, {"references": refs.numpy()}))
         targets.append(downsample(frames[k % len(frames):][:1], contract.config.scale).numpy())
-    one_by_one = [frame.run(["frame_hr"], {"target_lr": t, **dict(zip(names, kv, strict=True))})[0]
-                  for t, kv in zip(targets, caches, strict=True)]
-    stacked = {name: np.concatenate([kv[j] for kv in caches]) for j, name in enumerate(names)}
-    batched = frame.run(["frame_hr"], {"target_lr": np.concatenate(targets), **stacked})[0]
+    one_by_one = [run_frame(frame, contract, t, kv) for t, kv in zip(targets, caches, strict=True)]
+    stacked = [np.concatenate(parts) for parts in zip(*caches, strict=True)]
+    batched = run_frame(frame, contract, np.concatenate(targets), stacked)
     return float(np.abs(batched - np.concatenate(one_by_one)).max())

@@ -72,7 +72,11 @@ class RemoteStream:
         self._request = 0
         self._connect(deadline=time.monotonic() + reconnect_s)
         self.contract, self.max_refs, self.max_batch = self._read_config()
-        self.batched = self.max_batch > 0  # the model takes frames of several streams per execution
+
+    @property
+    def batched(self) -> bool:
+        """Whether the model takes frames of several streams per execution (its tensors lead with a batch axis)."""
+        return self.max_batch > 0
 
     # -- Session-like interface ------------------------------------------------------------------
     def set_references(self, references: np.ndarray) -> None:

@@ -61,9 +61,11 @@ class TritonOptions:
 
     @property
     def batch_delay_us(self) -> int:
-        """A CPU runs frames one after another: a frame waiting for company only adds its wait, so batches form from
-        what queued while the model was busy. A GPU runs a batch in about the time of one frame, so a short wait
-        to fill it pays."""
+        """How long a batch waits to fill: never without batching. A CPU runs frames one after another: a frame
+        waiting for company only adds its wait, so batches form from what queued while the model was busy. A GPU
+        runs a batch in about the time of one frame, so a short wait to fill it pays."""
+        if self.max_batch == 1:
+            return 0
         if self.queue_delay_us is not None:
             return self.queue_delay_us
         return 2000 if self.gpu else 0
@@ -109,7 +111,7 @@ def write_repository(export_path: Path, out: Path, opts: TritonOptions) -> Repos
         "runtime": opts.runtime, "precision": opts.precision,
         "limits": {"max_refs": max_refs, "max_streams": opts.max_streams, "kv_budget_mb": opts.kv_budget_mb,
                    "idle_timeout_s": opts.idle_timeout_s},
-        "batching": {"max_batch": opts.max_batch, "queue_delay_us": opts.batch_delay_us if opts.max_batch > 1 else 0},
+        "batching": {"max_batch": opts.max_batch, "queue_delay_us": opts.batch_delay_us},
         "kv_bytes_per_reference": contract.kv_bytes(1),
     }
     with atomic_dir(Path(out), replaceable=lambda p: opts.force and is_repository(p)) as tmp:
@@ -178,7 +180,7 @@ def model_config(contract: Contract, opts: TritonOptions, max_refs: int):
     seq.oldest.max_candidate_sequences = opts.max_streams
     if batched:
         seq.oldest.preferred_batch_size.append(opts.max_batch)
-    seq.oldest.max_queue_delay_microseconds = opts.batch_delay_us if batched else 0
+    seq.oldest.max_queue_delay_microseconds = opts.batch_delay_us
     cfg.instance_group.append(mc.ModelInstanceGroup(
         count=opts.instances, kind=mc.ModelInstanceGroup.KIND_MODEL if opts.gpu else mc.ModelInstanceGroup.KIND_CPU))
     params = {"runtime": opts.runtime, "precision": opts.precision, "max_refs": str(max_refs),
