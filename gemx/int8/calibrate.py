@@ -1,7 +1,7 @@
 """Calibration: the FP32 graphs run over real frames, each quantized tensor's range kept in a range table.
 
-ONNX Runtime's MinMax calibrator does the measuring, on the tensors its quantizer will quantize with gemx's
-settings (`gemx.int8.qdq.quantizer_args`), so the table holds exactly what quantization reads.
+ONNX Runtime's calibrator API (`create_calibrator`, `collect_data`, `compute_data`) does the measuring, MinMax over
+the op types gemx quantizes (`gemx.int8.qdq.QUANTIZED_OPS`), so the table holds exactly what quantization reads.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from gemx.contract import Contract
 from gemx.errors import GemxError
 from gemx.frames import cached_frames, to_tensor
-from gemx.int8.qdq import quantizer_args
+from gemx.int8.qdq import QUANTIZED_OPS
 from gemx.int8.ranges import RangeTable
 from gemx.model.lr import downsample
 
@@ -76,10 +76,12 @@ def calibrate(fp32_paths: tuple[Path, Path], contract: Contract, videos: list[Pa
 
 
 def _calibrated_ranges(fp32_path: Path, feeds: list[dict]) -> dict[str, tuple[float, float]]:
-    from onnxruntime.quantization import quantize_static
-    from onnxruntime.quantization.calibrate import load_tensors_data
+    """ONNX Runtime's MinMax calibrator over `feeds`: the range of every float input and output of the op types
+    quantization quantizes, which is the set its quantizer reads ranges for (`quantize_static` calibrates the same
+    way when it is given no table)."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
 
-    class Reader:
+    class Reader(CalibrationDataReader):
         def __init__(self):
             self.it = iter(feeds)
 
@@ -87,10 +89,11 @@ def _calibrated_ranges(fp32_path: Path, feeds: list[dict]) -> dict[str, tuple[fl
             return next(self.it, None)
 
     with tempfile.TemporaryDirectory(prefix="gemx-calib-") as tmp:
-        cache = Path(tmp) / "ranges.json"
-        quantize_static(str(fp32_path), str(Path(tmp) / "int8.onnx"), Reader(), calibration_cache_path=cache,
-                        **quantizer_args(fp32_path))
-        data = load_tensors_data(cache).data
+        calibrator = create_calibrator(fp32_path, QUANTIZED_OPS, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax)
+        calibrator.collect_data(Reader())
+        data = calibrator.compute_data().data
+        del calibrator  # its inference session holds the augmented graph in the folder
     return {t: (float(np.asarray(d.range_value[0]).item()), float(np.asarray(d.range_value[1]).item())) for t, d in data.items()}
 
 
