@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from gemx.int8.graph import DEQUANTIZE, QUANTIZE, Graph, drop_unused_initializers
+from gemx.int8.graph import DEQUANTIZE, QUANTIZE, Graph
 from gemx.revision import code_revision
 
 CONV_CHANNEL_BLOCK = 16  # output channels MLAS's int8 convolution kernels compute at once
@@ -49,14 +49,14 @@ def prepare_for_ort_cpu(proto: onnx.ModelProto) -> onnx.ModelProto:
     for conv in graph.quantized_convs():
         if graph.has_float_bias(conv):
             _int32_bias(graph, conv)
-    drop_unused_initializers(proto.graph)  # the int8 grids' scales and float biases replaced above
+    graph.drop_unused()  # the int8 grids' scales and float biases replaced above
     return proto
 
 
 def _uint8_activations(graph: Graph) -> None:
     """Each symmetric int8 activation becomes uint8 over the same range (zero point 0 after a Relu or a Softmax)."""
     value, add = graph.value, graph.add
-    for q in [n for n in graph.g.node if n.op_type == QUANTIZE]:
+    for q in graph.nodes(QUANTIZE):
         if q.input[0] in graph.inits or len(q.input) < 3:
             continue  # a weight, or no zero point
         zero = value(q.input[2])
@@ -75,7 +75,7 @@ def _quantized_pads(graph: Graph) -> None:
     """DQ -> Pad -> Q on one grid (see `_pads_keep_grid` in the quantizer) becomes a Pad of the quantized tensor:
     no float copy of it, and ONNX Runtime pads the uint8 tensor in its NHWC layout."""
     value = graph.value
-    for pad in [n for n in graph.g.node if n.op_type == "Pad"]:
+    for pad in graph.nodes("Pad"):
         dq, readers = graph.producer.get(pad.input[0]), graph.consumers.get(pad.output[0], [])
         if dq is None or dq.op_type != DEQUANTIZE or len(readers) != 1 or readers[0].op_type != QUANTIZE:
             continue
@@ -84,9 +84,9 @@ def _quantized_pads(graph: Graph) -> None:
                                    for k in (1, 2)):
             continue  # another grid: the float Pad stays
         pad.input[0], pad.output[0] = dq.input[0], q.output[0]
-        graph.g.node.remove(q)
+        graph.remove(q)
         if len(graph.consumers[dq.output[0]]) == 1:
-            graph.g.node.remove(dq)
+            graph.remove(dq)
     graph.relink()
 
 
@@ -99,7 +99,7 @@ def _unit_rows(graph: Graph) -> None:
     ReduceL2 -> Clip -> Div) becomes one LpNormalization: the same numbers, since on an int8 grid a row's norm is 0 or
     at least a step, far above eps, and LpNormalization leaves a zero row zero as the clamp does. One node reads the
     dequantized queries instead of two, for which ONNX Runtime would dequantize them twice."""
-    for norm in [n for n in graph.g.node if n.op_type == "ReduceL2"]:
+    for norm in graph.nodes("ReduceL2"):
         x = norm.input[0]
         clips = graph.consumers.get(norm.output[0], [])
         if len(clips) != 1 or clips[0].op_type != "Clip" or len(norm.input) < 2 or norm.input[1] not in graph.inits:
@@ -113,9 +113,8 @@ def _unit_rows(graph: Graph) -> None:
             continue
         div = divs[0]
         unit = onnx.helper.make_node("LpNormalization", [x], [div.output[0]], name=f"{div.name}_unit", axis=-1, p=2)
-        graph.g.node.insert(list(graph.g.node).index(div), unit)
-        for n in (norm, clip, div):
-            graph.g.node.remove(n)
+        graph.insert_before(div, unit)
+        graph.remove(norm, clip, div)
     graph.relink()
 
 
@@ -157,9 +156,9 @@ def _pad_output_channels(graph: Graph, conv: onnx.NodeProto) -> None:
         conv.input[2] = padded(conv.input[2])
     bounds = [graph.add(np.array([v], np.int64), f"{q.output[0]}_slice_{k}") for k, v in (("start", 0), ("end", channels), ("axis", 1))]
     sliced = onnx.helper.make_node("Slice", [q.output[0], *bounds], [f"{q.output[0]}_sliced"], name=f"{q.name}_sliced")
-    for reader in graph.consumers.get(q.output[0], []):
-        reader.input[:] = [sliced.output[0] if i == q.output[0] else i for i in reader.input]
-    graph.g.node.insert(list(graph.g.node).index(q) + 1, sliced)
+    for reader in graph.readers(q.output[0]):
+        graph.read_instead(reader, q.output[0], sliced.output[0])
+    graph.insert_after(q, sliced)
     stale = {conv.output[0], out, q.output[0]}  # recorded shapes of these, if any, have the old channel count
     kept = [v for v in graph.g.value_info if v.name not in stale]
     del graph.g.value_info[:]
@@ -183,7 +182,7 @@ def _pad_input_channels(graph: Graph, conv: onnx.NodeProto) -> None:
     padded = onnx.helper.make_node("Pad", [x_dq.input[0], pads, zero_point], [f"{x_dq.input[0]}_channels{weights.shape[1] + extra}"],
                                    name=f"{x_dq.name}_channel_pad", mode="constant")
     x_dq.input[0] = padded.output[0]
-    graph.g.node.insert(list(graph.g.node).index(x_dq), padded)
+    graph.insert_before(x_dq, padded)
 
 
 def _int32_bias(graph: Graph, conv: onnx.NodeProto) -> None:
@@ -195,7 +194,7 @@ def _int32_bias(graph: Graph, conv: onnx.NodeProto) -> None:
     dq = onnx.helper.make_node(DEQUANTIZE, [add(bias, f"{conv.name}_bias_int32"), add(scale, f"{conv.name}_bias_scale"),
                                             add(np.zeros(scale.shape, np.int32), f"{conv.name}_bias_zero_point")],
                                [f"{conv.name}_bias_dq"], name=f"{conv.name}_bias_dq", axis=0)
-    graph.g.node.insert(list(graph.g.node).index(conv), dq)
+    graph.insert_before(conv, dq)
     conv.input[2] = dq.output[0]
 
 

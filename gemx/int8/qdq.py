@@ -31,7 +31,7 @@ import onnx
 
 from gemx.errors import GemxError
 from gemx.fs import atomic_write
-from gemx.int8.graph import add_scale, drop_unused_initializers, graph_links, pad_adds_no_values, set_type
+from gemx.int8.graph import DEQUANTIZE, QUANTIZE, Graph, graph_links, pad_adds_no_values
 from gemx.int8.trt_form import check_tensorrt_form
 
 QUANTIZED_OPS = ["Conv", "Add"]  # Adds: only the decoder's sums of partial convolutions (`feature_sums`)
@@ -66,8 +66,10 @@ def quantize(fp32_path: Path, ranges: dict[str, tuple[float, float]], out: Path,
             raise GemxError(f"the INT8 range table has no range for a tensor of {fp32_path.name} ({str(e).splitlines()[0]}; "
                             "made for another gemx or torch version?); calibrate again with --calib VIDEO|DIR") from None
         proto = onnx.load(str(quantized))
+    graph = Graph(proto.graph)
     for rewrite in QDQ_PASSES:
-        rewrite(proto, cache)
+        graph.relink()
+        rewrite(graph, cache)
     check_tensorrt_form(proto, fp32_path.name)
     atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)))
     return proto
@@ -117,7 +119,7 @@ def quantizer_args(fp32_path: Path) -> dict:
                                "QuantizeBias": False})  # TensorRT takes float biases; ORT's CPU build quantizes them
 
 
-def quantize_after_relu(proto: onnx.ModelProto, cache: Int8Cache) -> None:
+def quantize_after_relu(graph: Graph, cache: Int8Cache) -> None:
     """Conv (or a sum) -> Q -> DQ -> Relu becomes Conv -> Relu -> Q -> DQ; where the Relu is only read by Qs of its
     own, the pair is dropped (Conv -> Relu -> Q).
 
@@ -126,149 +128,129 @@ def quantize_after_relu(proto: onnx.ModelProto, cache: Int8Cache) -> None:
     same symmetric range as its input, so the Conv's Q moves after the Relu unchanged. The result has TensorRT's
     canonical placement (Q/DQ at Conv inputs, Conv + Relu + Q fused), and ONNX Runtime fuses Conv -> Relu -> Q into
     one int8 convolution as well."""
-    g = proto.graph
-    producer, consumers = graph_links(g)
     drop = []
-    for q in list(g.node):
-        if q.op_type != "QuantizeLinear" or q.input[0] not in producer or producer[q.input[0]].op_type not in ("Conv", "Add"):
+    for q in graph.nodes(QUANTIZE):
+        if not graph.made_by(q.input[0], "Conv", "Add"):
             continue
-        dqs = consumers.get(q.output[0], [])
-        if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
+        dqs = graph.readers(q.output[0])
+        if len(dqs) != 1 or dqs[0].op_type != DEQUANTIZE:
             continue
-        relus = consumers.get(dqs[0].output[0], [])
-        if len(relus) != 1 or relus[0].op_type != "Relu" or len(consumers.get(q.input[0], [])) != 1:
+        relus = graph.readers(dqs[0].output[0])
+        if len(relus) != 1 or relus[0].op_type != "Relu" or len(graph.readers(q.input[0])) != 1:
             continue
         dq, relu = dqs[0], relus[0]
-        readers = consumers.get(relu.output[0], [])
+        readers = graph.readers(relu.output[0])
         relu.input[0] = q.input[0]
-        if all(r.op_type == "QuantizeLinear" for r in readers):
+        if all(r.op_type == QUANTIZE for r in readers):
             drop += [q, dq]
             continue
         q.input[0] = relu.output[0]
         for r in readers:
-            if r.op_type == "QuantizeLinear":  # a Q of its own keeps reading the Relu
-                continue
-            r.input[:] = [dq.output[0] if i == relu.output[0] else i for i in r.input]
-        g.node.remove(q)
-        g.node.insert(list(g.node).index(relu) + 1, q)
-        g.node.remove(dq)
-        g.node.insert(list(g.node).index(q) + 1, dq)
-    for n in drop:
-        g.node.remove(n)
+            if r.op_type != QUANTIZE:  # a Q of its own keeps reading the Relu
+                graph.read_instead(r, relu.output[0], dq.output[0])
+        graph.remove(q, dq)
+        graph.insert_after(relu, q, dq)
+    graph.remove(*drop)
 
 
-def float_sources_stay_float(proto: onnx.ModelProto, cache: Int8Cache) -> None:
+def float_sources_stay_float(graph: Graph, cache: Int8Cache) -> None:
     """A float tensor quantized for the int8 op that reads it (an encoder's first layer reads the upsampled frame or
     the references) stays float for its float readers (the residual over the bicubic frame, the references'
     downsampling for the keys): ONNX Runtime's quantizer hands every reader the dequantized copy. Int8 results (a
     Conv's, a sum's, a product's) reach float readers through their DQ: they exist as int8 only."""
-    g = proto.graph
-    producer, consumers = graph_links(g)
-    inits = {i.name for i in g.initializer}
 
     def in_int8(node: onnx.NodeProto) -> bool:
-        operands = node.input[:2]
-        return node.op_type in INT8_OPS and all(i in producer and producer[i].op_type == "DequantizeLinear" for i in operands)
+        return node.op_type in INT8_OPS and all(graph.dequantized(i) for i in node.input[:2])
 
-    for q in [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]:
-        source = producer.get(q.input[0])
+    for q in [n for n in graph.nodes(QUANTIZE) if n.input[0] not in graph.inits]:
+        source = graph.producer.get(q.input[0])
         if source is not None and (in_int8(source) or source.op_type == "Relu"):
             continue  # an int8 result (Conv -> Relu -> Q, Add -> Q): no float copy to read
-        for dq in consumers.get(q.output[0], []):
-            for reader in [r for r in consumers.get(dq.output[0], []) if not in_int8(r)]:
-                reader.input[:] = [q.input[0] if i == dq.output[0] else i for i in reader.input]
+        for dq in graph.readers(q.output[0]):
+            for reader in [r for r in graph.readers(dq.output[0]) if not in_int8(r)]:
+                graph.read_instead(reader, dq.output[0], q.input[0])
 
 
-def pads_keep_grid(proto: onnx.ModelProto, cache: Int8Cache) -> None:
+def pads_keep_grid(graph: Graph, cache: Int8Cache) -> None:
     """DQ -> Pad -> Q: the Q (and the DQs reading it) take the DQ's scale. A Pad that copies values (edge, reflect,
     wrap) or pads zeros only holds values of its input's grid, so the Pad's own calibrated range rounds once more for
     nothing; on one grid, ONNX Runtime's preparation pads the int8 tensor itself (the sub-pixel head's edge Pad)."""
-    g = proto.graph
-    producer, consumers = graph_links(g)
-    for pad in [n for n in g.node if n.op_type == "Pad"]:
-        dq, readers = producer.get(pad.input[0]), consumers.get(pad.output[0], [])
-        if (dq is None or dq.op_type != "DequantizeLinear" or not readers or any(r.op_type != "QuantizeLinear" for r in readers)
+    for pad in graph.nodes("Pad"):
+        dq, readers = graph.producer.get(pad.input[0]), graph.readers(pad.output[0])
+        if (dq is None or dq.op_type != DEQUANTIZE or not readers or any(r.op_type != QUANTIZE for r in readers)
                 or not pad_adds_no_values(pad)):
             continue  # a float input, a float reader, or a constant that may lie off the grid
         for q in readers:
-            for n in (q, *consumers.get(q.output[0], [])):
+            for n in (q, *graph.readers(q.output[0])):
                 n.input[1], n.input[2] = dq.input[1], dq.input[2]
 
 
-def int8_cache(proto: onnx.ModelProto, cache: Int8Cache) -> None:
+def int8_cache(graph: Graph, cache: Int8Cache) -> None:
     """The cache tensors of `cache` in int8 (symmetric, one scale each): the encoder ends each such
     output with a Q, the frame graph reads each as int8 and dequantizes it where an attention product reads it
     (after free reshapes), so that the product runs in int8 and the cache takes a quarter of the memory."""
-    g = proto.graph
-    producer, consumers = graph_links(g)
-    outputs = {o.name for o in g.output}
-    names = [t.name for t in (*g.input, *g.output) if t.name in cache.ranges]
-    for v in names:
+    g = graph.g
+    outputs = graph.outputs()
+    for io in [t for t in (*g.input, *g.output) if t.name in cache.ranges]:
+        v = io.name
         amax = max(abs(cache.ranges[v][0]), abs(cache.ranges[v][1]), 1e-8)  # an all-zero level still gets a valid scale
-        scale, zero = add_scale(g, v, amax / 127)
+        scale, zero = graph.add_scale(v, amax / 127)
         if v in outputs:  # encoder: ... -> Q -> key_i / value_i (int8)
-            node = producer[v]
+            node = graph.producer[v]
             node.output[:] = [f"{v}_float" if o == v else o for o in node.output]
-            g.node.insert(list(g.node).index(node) + 1,
-                          onnx.helper.make_node("QuantizeLinear", [f"{v}_float", scale, zero], [v], name=f"{v}_quantize"))
+            graph.insert_after(node, onnx.helper.make_node(QUANTIZE, [f"{v}_float", scale, zero], [v], name=f"{v}_quantize"))
         else:  # frame: key_i / value_i (int8) -> Reshape... -> DQ -> the attention product
             tensor = v
-            while len(consumers.get(tensor, [])) == 1 and consumers[tensor][0].op_type == "Reshape":
-                tensor = consumers[tensor][0].output[0]
-                set_type(g, tensor, onnx.TensorProto.INT8)
-            for reader in consumers[tensor]:
-                reader.input[:] = [f"{tensor}_dq" if i == tensor else i for i in reader.input]
-            first_reader = min(list(g.node).index(r) for r in consumers[tensor])
-            g.node.insert(first_reader, onnx.helper.make_node("DequantizeLinear", [tensor, scale, zero], [f"{tensor}_dq"],
-                                                              name=f"{v}_dequantize"))
-        io = next(t for t in (*g.input, *g.output) if t.name == v)
+            while len(graph.readers(tensor)) == 1 and graph.readers(tensor)[0].op_type == "Reshape":
+                tensor = graph.readers(tensor)[0].output[0]
+                graph.set_type(tensor, onnx.TensorProto.INT8)
+            readers = graph.readers(tensor)
+            for reader in readers:
+                graph.read_instead(reader, tensor, f"{tensor}_dq")
+            graph.insert_before(graph.first(readers), onnx.helper.make_node(DEQUANTIZE, [tensor, scale, zero],
+                                                                            [f"{tensor}_dq"], name=f"{v}_dequantize"))
         io.type.tensor_type.elem_type = onnx.TensorProto.INT8
 
 
-def quantize_queries(proto: onnx.ModelProto, cache: Int8Cache) -> None:
+def quantize_queries(graph: Graph, cache: Int8Cache) -> None:
     """Q/DQ on the queries where they meet the int8 keys: queries are unit vectors (every component in [-1, 1]), so
     the scale is 1/127 without calibration, and the logits run as an int8 product with float output."""
-    g = proto.graph
-    producer, _ = graph_links(g)
-    for matmul in [n for n in g.node if n.op_type == "MatMul"]:
-        keys = producer.get(matmul.input[1])
-        if keys is None or keys.op_type != "DequantizeLinear" or keys.name not in {f"{k}_dequantize" for k in cache.keys}:
+    key_dequantizers = {f"{k}_dequantize" for k in cache.keys}
+    for matmul in graph.nodes("MatMul"):
+        keys = graph.producer.get(matmul.input[1])
+        if keys is None or keys.op_type != DEQUANTIZE or keys.name not in key_dequantizers:
             continue
         q = matmul.input[0]
-        scale, zero = add_scale(g, q, 1 / 127)
-        at = list(g.node).index(matmul)
-        g.node.insert(at, onnx.helper.make_node("DequantizeLinear", [f"{q}_q", scale, zero], [f"{q}_dq"], name=f"{q}_dequantize"))
-        g.node.insert(at, onnx.helper.make_node("QuantizeLinear", [q, scale, zero], [f"{q}_q"], name=f"{q}_quantize"))
+        scale, zero = graph.add_scale(q, 1 / 127)
+        graph.insert_before(matmul,
+                            onnx.helper.make_node(QUANTIZE, [q, scale, zero], [f"{q}_q"], name=f"{q}_quantize"),
+                            onnx.helper.make_node(DEQUANTIZE, [f"{q}_q", scale, zero], [f"{q}_dq"], name=f"{q}_dequantize"))
         matmul.input[0] = f"{q}_dq"
 
 
-def quantize_probabilities(proto: onnx.ModelProto, cache: Int8Cache) -> None:
+def quantize_probabilities(graph: Graph, cache: Int8Cache) -> None:
     """Q/DQ on the attention probabilities where they meet the int8 values: softmax lies in [0, 1], so the scale is
     1/127 without calibration (ONNX Runtime's preparation makes it uint8 over the same range: 1/255)."""
-    g = proto.graph
-    producer, consumers = graph_links(g)
-    for softmax in [n for n in g.node if n.op_type == "Softmax"]:
-        readers = consumers.get(softmax.output[0], [])
-        if not any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for r in readers for i in r.input):
+    for softmax in graph.nodes("Softmax"):
+        readers = graph.readers(softmax.output[0])
+        if not any(graph.dequantized(i) for r in readers for i in r.input):
             continue  # no int8 partner: the product stays float
         p = softmax.output[0]
-        scale, zero = add_scale(g, p, 1 / 127)
-        q = onnx.helper.make_node("QuantizeLinear", [p, scale, zero], [f"{p}_q"], name=f"{softmax.name}_quantize")
-        dq = onnx.helper.make_node("DequantizeLinear", [f"{p}_q", scale, zero], [f"{p}_dq"], name=f"{softmax.name}_dequantize")
+        scale, zero = graph.add_scale(p, 1 / 127)
+        q = onnx.helper.make_node(QUANTIZE, [p, scale, zero], [f"{p}_q"], name=f"{softmax.name}_quantize")
+        dq = onnx.helper.make_node(DEQUANTIZE, [f"{p}_q", scale, zero], [f"{p}_dq"], name=f"{softmax.name}_dequantize")
         for r in readers:
-            r.input[:] = [dq.output[0] if i == p else i for i in r.input]
-        at = list(g.node).index(softmax) + 1
-        g.node.insert(at, dq)
-        g.node.insert(at, q)
+            graph.read_instead(r, p, dq.output[0])
+        graph.insert_after(softmax, q, dq)
 
 
-def drop_unused(proto: onnx.ModelProto, cache: Int8Cache) -> None:
+def drop_unused(graph: Graph, cache: Int8Cache) -> None:
     """Initializers the passes before it left unread (the Q/DQ pairs `quantize_after_relu` dropped)."""
-    drop_unused_initializers(proto.graph)
+    graph.drop_unused()
 
 
 # What turns ONNX Runtime's QDQ placement into gemx's, in order: each a rewrite of one graph in place.
-QDQ_PASSES: tuple[Callable[[onnx.ModelProto, Int8Cache], None], ...] = (
+QDQ_PASSES: tuple[Callable[[Graph, Int8Cache], None], ...] = (
     quantize_after_relu,  # Conv -> Q -> DQ -> Relu becomes Conv -> Relu -> Q -> DQ (TensorRT's placement)
     float_sources_stay_float,  # float readers of a tensor quantized for an int8 op read the float tensor
     pads_keep_grid,  # DQ -> Pad -> Q keeps the input's grid

@@ -6,6 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from gemx import GemxError
+from gemx.int8.graph import Graph
 from gemx.int8.qdq import (
     QDQ_PASSES,
     Int8Cache,
@@ -28,6 +29,11 @@ def model(nodes, inputs, outputs, inits=()):
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
                               [numpy_helper.from_array(np.asarray(v), k) for k, v in dict(inits).items()])
     return helper.make_model(graph)
+
+
+def run(rewrite, proto, cache):
+    """One pass over a hand-built graph, as `quantize` runs it."""
+    rewrite(Graph(proto.graph), cache)
 
 
 def scale(value=0.1):
@@ -54,7 +60,7 @@ def test_quantize_after_relu_moves_the_pair_after_the_relu_or_drops_it():
                    helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["yd"], name="dq"),
                    helper.make_node("Relu", ["yd"], ["r"], name="relu"),
                    helper.make_node("Resize", ["r"], ["out"], name="float_reader")], ["x"], ["out"], {**w, **scale()})
-    quantize_after_relu(moved, NO_CACHE)
+    run(quantize_after_relu, moved, NO_CACHE)
     assert ops(moved) == ["Conv", "Relu", "QuantizeLinear", "DequantizeLinear", "Resize"]
     assert list(node(moved, "relu").input) == ["y"] and list(node(moved, "q").input[:1]) == ["r"]
     assert list(node(moved, "float_reader").input) == ["yd"]  # a float reader reads the grid the Q defines
@@ -63,13 +69,13 @@ def test_quantize_after_relu_moves_the_pair_after_the_relu_or_drops_it():
                      helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["yd"], name="dq"),
                      helper.make_node("Relu", ["yd"], ["r"], name="relu"),
                      helper.make_node("QuantizeLinear", ["r", "s", "z"], ["out"], name="own_q")], ["x"], ["out"], {**w, **scale()})
-    quantize_after_relu(dropped, NO_CACHE)
+    run(quantize_after_relu, dropped, NO_CACHE)
     assert ops(dropped) == ["Conv", "Relu", "QuantizeLinear"]  # Conv -> Relu -> Q: one rounding
     untouched = model([helper.make_node("Identity", ["x"], ["y"]),  # not a Conv's or a sum's output
                        helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]),
                        helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["yd"]),
                        helper.make_node("Relu", ["yd"], ["out"])], ["x"], ["out"], scale())
-    quantize_after_relu(untouched, NO_CACHE)
+    run(quantize_after_relu, untouched, NO_CACHE)
     assert ops(untouched) == ["Identity", "QuantizeLinear", "DequantizeLinear", "Relu"]
 
 
@@ -80,7 +86,7 @@ def test_float_readers_of_a_tensor_quantized_for_an_int8_op_read_the_float_tenso
                    helper.make_node("Conv", ["xd", "wd"], ["y"], name="int8_conv"),
                    helper.make_node("Add", ["xd", "y"], ["out"], name="residual")], ["x"], ["out"],
                   {"wq": np.ones((1, 1, 1, 1), np.int8), **scale()})
-    float_sources_stay_float(proto, NO_CACHE)
+    run(float_sources_stay_float, proto, NO_CACHE)
     assert list(node(proto, "int8_conv").input) == ["xd", "wd"]  # the int8 op keeps its quantized operand
     assert list(node(proto, "residual").input) == ["x", "y"]  # the float reader: the float frame, not its int8 copy
 
@@ -95,30 +101,30 @@ def test_a_pad_between_a_dq_and_a_q_keeps_its_inputs_grid_unless_it_adds_a_value
                      {"pads": np.zeros(8, np.int64), "s2": np.float32(0.2), "z2": np.int8(0), "v": np.float32(0.5), **scale()})
 
     edge = graph("edge")
-    pads_keep_grid(edge, NO_CACHE)
+    run(pads_keep_grid, edge, NO_CACHE)
     assert list(node(edge, "q").input[1:]) == ["s", "z"] and list(node(edge, "dq").input[1:]) == ["s", "z"]
     constant = graph("constant", value=0.5)  # 0.5 may lie off the input's grid
-    pads_keep_grid(constant, NO_CACHE)
+    run(pads_keep_grid, constant, NO_CACHE)
     assert list(node(constant, "q").input[1:]) == ["s2", "z2"]
 
 
 def test_drop_unused_removes_initializers_no_node_reads():
     proto = model([helper.make_node("Relu", ["x"], ["out"])], ["x"], ["out"], {"orphan": np.float32(1)})
-    drop_unused(proto, NO_CACHE)
+    run(drop_unused, proto, NO_CACHE)
     assert not proto.graph.initializer
 
 
 def test_the_int8_cache_is_quantized_where_written_and_dequantized_where_a_product_reads_it():
     cache = Int8Cache({"value_0": (-2.54, 1.0)}, frozenset())
     encoder = model([helper.make_node("Relu", ["x"], ["value_0"], name="last")], ["x"], ["value_0"])
-    int8_cache(encoder, cache)
+    run(int8_cache, encoder, cache)
     assert ops(encoder) == ["Relu", "QuantizeLinear"] and encoder.graph.output[0].type.tensor_type.elem_type == TensorProto.INT8
     scales = {i.name: numpy_helper.to_array(i) for i in encoder.graph.initializer}
     assert scales["value_0_int8_scale"] == pytest.approx(2.54 / 127)  # symmetric over the larger side
     frame = model([helper.make_node("Reshape", ["value_0", "shape"], ["v"]),
                    helper.make_node("MatMul", ["p", "v"], ["out"], name="product")], ["value_0", "p"], ["out"],
                   {"shape": np.array([4, 4], np.int64)})
-    int8_cache(frame, cache)
+    run(int8_cache, frame, cache)
     assert ops(frame) == ["Reshape", "DequantizeLinear", "MatMul"]  # the reshape moves int8 bytes; the DQ feeds the product
     assert list(node(frame, "product").input) == ["p", "v_dq"]
     assert frame.graph.input[0].type.tensor_type.elem_type == TensorProto.INT8
@@ -133,12 +139,12 @@ def test_queries_are_quantized_only_where_they_meet_int8_keys_the_contract_names
                      {"kq": np.ones((2, 2), np.int8), "vq": np.ones((2, 2), np.int8), **scale()})
 
     proto = graph()
-    quantize_queries(proto, Int8Cache({}, frozenset({"key_1"})))
+    run(quantize_queries, proto, Int8Cache({}, frozenset({"key_1"})))
     assert list(node(proto, "logits").input) == ["q_dq", "k"] and list(node(proto, "values").input) == ["q2", "v"]
     scales = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     assert scales["q_int8_scale"] == pytest.approx(1 / 127)  # unit vectors: no calibration needed
     float_keys = graph()
-    quantize_queries(float_keys, NO_CACHE)  # no int8 keys in the contract: nothing to meet
+    run(quantize_queries, float_keys, NO_CACHE)  # no int8 keys in the contract: nothing to meet
     assert list(node(float_keys, "logits").input) == ["q", "k"]
 
 
@@ -149,7 +155,7 @@ def test_probabilities_are_quantized_only_where_they_meet_int8_values():
                    helper.make_node("Softmax", ["logits2"], ["p2"], name="float_softmax"),
                    helper.make_node("MatMul", ["p2", "w"], ["out2"], name="float_product")], ["logits", "logits2", "w"],
                   ["out", "out2"], {"vq": np.ones((2, 2), np.int8), **scale()})
-    quantize_probabilities(proto, NO_CACHE)
+    run(quantize_probabilities, proto, NO_CACHE)
     assert list(node(proto, "product").input) == ["p_dq", "v"] and list(node(proto, "float_product").input) == ["p2", "w"]
 
 
