@@ -1,5 +1,5 @@
-"""The torch-cuda runtime on a real GPU: per-frame latency (eager vs CUDA-graph replay, FP32 vs FP16) and
-the FP16 error against FP32, on the shipped checkpoint. Prints a table and writes JSON to argv[1].
+"""The torch-cuda runtime on a real GPU: per-frame latency (eager vs CUDA-graph replay, FP32 vs FP16 vs BF16) and
+the FP16 and BF16 error against FP32, on the shipped checkpoint. Prints a table and writes JSON to argv[1].
 
     python3 scripts/gpu_torch_cuda.py gpu.json      # on a machine with an NVIDIA GPU
 """
@@ -40,7 +40,8 @@ def main(out: str) -> None:
     target = downsample(frames[:1], cfg.scale).numpy()
     targets = downsample(frames[10:12], cfg.scale).numpy()
     rows = []
-    sessions = {(p, g): TorchCudaSession(model, p, cuda_graphs=g) for p in ("fp32", "fp16") for g in (False, True)}
+    precisions = ("fp32", "fp16", "bf16")
+    sessions = {(p, g): TorchCudaSession(model, p, cuda_graphs=g) for p in precisions for g in (False, True)}
     for refs in (1, 2, 5, 10):
         r = frames[1:refs + 1].numpy()
         row = {"refs": refs}
@@ -48,9 +49,10 @@ def main(out: str) -> None:
             row[f"encode_{precision}_ms"] = p50_ms(lambda s=s, r=r: s.set_references(r), iters=20, warmup=3)
             s.set_references(r)
             row[f"frame_{precision}_{'graph' if graphs else 'eager'}_ms"] = p50_ms(lambda s=s: s(target))
-        outs = {p: [sessions[(p, True)](t[None]) for t in targets] for p in ("fp32", "fp16")}
-        row["fp16_psnr_vs_fp32_db"] = min(psnr_db(a, b) for a, b in zip(outs["fp16"], outs["fp32"], strict=True))
-        row["fp16_max_abs_vs_fp32"] = max(float(np.abs(a - b).max()) for a, b in zip(outs["fp16"], outs["fp32"], strict=True))
+        outs = {p: [sessions[(p, True)](t[None]) for t in targets] for p in precisions}
+        for p in precisions[1:]:
+            row[f"{p}_psnr_vs_fp32_db"] = min(psnr_db(a, b) for a, b in zip(outs[p], outs["fp32"], strict=True))
+            row[f"{p}_max_abs_vs_fp32"] = max(float(np.abs(a - b).max()) for a, b in zip(outs[p], outs["fp32"], strict=True))
         rows.append(row)
     device = torch.cuda.get_device_name(0)
     print(f"{device}, torch {torch.__version__}, shipped small_x4 (256x256, 8x8 blocks), frames: {source}")

@@ -293,13 +293,13 @@ def test_flipped_bytes_in_built_graphs_are_caught(own_export):
 
 def test_a_build_of_an_export_with_few_references_tunes_for_what_it_can_run(own_export):
     """The default --refs-opt (5) used to be refused for an export validated up to 3: it now takes the export's 3."""
-    assert build(own_export, BuildOptions()).accuracy["refs"] == 3
+    assert build(own_export, BuildOptions()).accuracy.refs == 3
 
 
 def test_a_corrupt_build_record_is_one_error(own_export):
     build(own_export, BuildOptions(refs_opt=2))
     (own_export / "ort_cpu" / "build.json").write_text("{not json")
-    with pytest.raises(GemxError, match=r"build record .* is corrupt"):
+    with pytest.raises(GemxError, match=r"ort_cpu/build\.json is corrupt .*; rebuild with `gemx build"):
         open_session("ort", own_export)
 
 
@@ -320,11 +320,11 @@ def test_a_cached_export_from_older_graphs_is_exported_again(tiny_ckpt, tmp_path
     current = manifest.graphs_revision()
     monkeypatch.setattr(manifest, "graphs_revision", lambda: "older")  # an export made by other code
     path, fresh = cached_export(ckpt, 4, 2, cache_dir=tmp_path)
-    assert fresh and read_export_dir(path).manifest["graphs_revision"] == "older"
+    assert fresh and read_export_dir(path).manifest.graphs_revision == "older"
     monkeypatch.undo()
     messages = []
     path, fresh = cached_export(ckpt, 4, 2, cache_dir=tmp_path, progress=messages.append)
-    assert fresh and read_export_dir(path).manifest["graphs_revision"] == current
+    assert fresh and read_export_dir(path).manifest.graphs_revision == current
     assert any("older gemx" in m for m in messages)
     assert not cached_export(ckpt, 4, 2, cache_dir=tmp_path)[1]  # and kept from then on
 
@@ -398,10 +398,14 @@ def test_bad_checkpoints_are_one_line(tmp_path, tiny_ckpt, change, message):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m.pop("precisions"), "missing 'precisions'"),
-    (lambda m: m["refs"].update(validated="1,2"), "positive integers"),
-    (lambda m: m["model"].update(config={"size": "x"}), "size must be a positive integer"),
-    (lambda m: m["precisions"]["fp32"]["graphs"].pop("frame"), "missing 'frame'"),
+    (lambda m: m.pop("precisions"), "malformed (precisions: missing)"),
+    (lambda m: m["refs"].update(validated="1,2"), "malformed (refs.validated: Input should be a valid array)"),
+    (lambda m: m["refs"].update(validated=[1, 2, "5"]), "malformed (refs.validated.2: Input should be a valid integer)"),
+    (lambda m: m["refs"].update(max=12), "refs.max 12 is not the largest validated reference count"),
+    (lambda m: m["model"].update(config={"size": "x"}), "model.config: model config: size must be a positive integer"),
+    (lambda m: m["precisions"]["fp32"]["graphs"].pop("frame"), "precisions.fp32.graphs: a precision needs both graphs"),
+    (lambda m: m["precisions"]["fp32"]["graphs"]["frame"].update(file="../frame.onnx"), "graphs.frame.file: String should match"),
+    (lambda m: m.update(note="edited"), "malformed (note: not a field of this record)"),
 ])
 def test_hand_edited_manifests_are_one_line(own_export, edit, message):
     m = json.loads((own_export / MANIFEST).read_text())
@@ -409,7 +413,8 @@ def test_hand_edited_manifests_are_one_line(own_export, edit, message):
     m["content_sha256"] = gemx.exporter.manifest.content_sha256(m)  # edited by someone who knows the format
     (own_export / MANIFEST).write_text(json.dumps(m))
     res = cli("build", own_export)
-    assert res.exit_code == 1 and message in res.output
+    assert res.exit_code == 1 and message in res.output and "re-run `gemx export --force`" in res.output
+    assert len(res.output.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("args, message", [

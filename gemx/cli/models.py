@@ -71,16 +71,16 @@ def export(
 def render_export(result) -> None:
     from gemx.contract import INT8_KEY_MIN_CHANNELS, Contract
     from gemx.exporter.validate import FP16_PSNR_GOAL, FP32_TOLERANCE, INT8_PSNR_GOAL
-    from gemx.model.config import ModelConfig
 
     goal = {"fp16": FP16_PSNR_GOAL, "int8": INT8_PSNR_GOAL}
 
     table = Table(title=f"parity of the composed graphs (ONNX Runtime CPU, {lit(result.frames_source)})")
     for col in ("precision", "against", "size", "refs", "max abs error", "PSNR dB", "verdict"):
         table.add_column(col)
-    size = result.manifest["model"]["config"]["size"]
+    manifest = result.manifest
+    size = manifest.config.size
     for precision, rows in result.parity.items():
-        against = result.manifest["precisions"][precision]["parity_against"]
+        against = manifest.precisions[precision].parity_against
         for r in rows:
             ok = r.max_abs_error <= FP32_TOLERANCE if precision == "fp32" else r.psnr_db > goal[precision]
             h, w = r.size or (size, size)
@@ -91,13 +91,12 @@ def render_export(result) -> None:
         console.print("[dim]ONNX Runtime's CPU provider computes FP16 graphs in FP32 after casting weights; "
                       "GPU FP16 error is measured by `gemx build --fp16`.[/]")
     if "int8" in result.parity:
-        int8 = result.manifest["precisions"]["int8"]
-        q = int8["quantization"]
-        contract = Contract(ModelConfig.from_dict(result.manifest["model"]["config"]), "int8")
+        q = manifest.precisions["int8"].quantization
+        contract = Contract(manifest.config, "int8")
         float_keys = [s.name for s in contract.keys if s.dtype != "int8"]
         logits = f", the logits over {', '.join(float_keys)} (fewer than {INT8_KEY_MIN_CHANNELS} channels)" if float_keys else ""
-        console.print(f"[dim]INT8: {q['method']}, calibrated on {q['calibration']['frames']} frames of "
-                      f"{lit(q['calibration']['source'])}; kept in FP32: the bicubic upsampler, the softmax{logits}; "
+        console.print(f"[dim]INT8: {q.method}, calibrated on {q.calibration.frames} frames of "
+                      f"{lit(q.calibration.source)}; kept in FP32: the bicubic upsampler, the softmax{logits}; "
                       "the frame graph's head on 2x2 phases (as FP32 but on the frame's outer 2 pixels).[/]")
     trt = Table(title=f"TensorRT parser compatibility (op table of TensorRT {result.trt[0].tensorrt_version})")
     for col in ("graph", "ops", "verdict"):
@@ -106,7 +105,7 @@ def render_export(result) -> None:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(r.op_counts.items()))
         trt.add_row(r.graph, ops, "[green]ok[/]" if r.ok else "[red]" + lit("; ".join(r.problems[:3])) + "[/]")
     console.print(trt)
-    console.print(f"wrote [bold]{lit(result.path)}[/] (refs 1..{result.manifest['refs']['max']}, opset {result.manifest['opset']})")
+    console.print(f"wrote [bold]{lit(result.path)}[/] (refs 1..{manifest.refs.max}, opset {manifest.opset})")
 
 
 @command
@@ -141,15 +140,14 @@ def build(
     with console.status("building") as status:
         result = run_build(export_dir, opts, progress=lambda msg: status.update(msg))
     if result.target == "ort-cpu" and runtime is None:
-        console.print(f"no NVIDIA GPU/TensorRT here: wrote [bold]ONNX Runtime-optimized {result.record['precision']} graphs "
+        console.print(f"no NVIDIA GPU/TensorRT here: wrote [bold]ONNX Runtime-optimized {result.record.precision} graphs "
                       "for the CPU provider[/]")
     if result.target == "openvino":
         r = result.record
-        console.print(f"compiled with OpenVINO {r['openvino_version']} for {lit(r['cpu'])} ({' '.join(r['cpu_flags'])}), "
-                      f"{r['precision']}")
+        console.print(f"compiled with OpenVINO {r.openvino_version} for {lit(r.cpu)} ({' '.join(r.cpu_flags)}), {r.precision}")
     acc = result.accuracy
-    console.print(f"wrote [bold]{lit(result.path)}[/]; accuracy vs FP32 ONNX on {acc['frames']} frames of {lit(acc['source'])} "
-                  f"at {acc['refs']} refs: PSNR {acc['psnr_db']:.1f} dB, max abs error {acc['max_abs_error']:.2e}")
+    console.print(f"wrote [bold]{lit(result.path)}[/]; accuracy vs FP32 ONNX on {acc.frames} frames of {lit(acc.source)} "
+                  f"at {acc.refs} refs: PSNR {acc.psnr_db:.1f} dB, max abs error {acc.max_abs_error:.2e}")
 
 
 @command

@@ -40,12 +40,12 @@ def triton(
                          kv_budget_mb=kv_budget_mb, idle_timeout_s=idle_timeout, threads=threads, instances=instances,
                          max_batch=max_batch, queue_delay_us=queue_delay_us, force=force)
     repo = write_repository(export_dir, out, opts)
-    limits, batching = repo.manifest["limits"], repo.manifest["batching"]
-    batches = (f", frames of up to {batching['max_batch']} streams per execution (waiting at most "
-               f"{batching['queue_delay_us']} us)" if batching["max_batch"] > 1 else "")
-    console.print(f"wrote [bold]{lit(repo.path)}[/]: model gemx on {opts.runtime} {opts.precision}, up to {limits['max_refs']} "
-                  f"references and {limits['max_streams']} open streams, {limits['kv_budget_mb']:g} MB of keys/values "
-                  f"({repo.manifest['kv_bytes_per_reference'] / 2**20:.1f} MB per reference){batches}", highlight=False)
+    limits, batching = repo.manifest.limits, repo.manifest.batching
+    batches = (f", frames of up to {batching.max_batch} streams per execution (waiting at most "
+               f"{batching.queue_delay_us} us)" if batching.max_batch > 1 else "")
+    console.print(f"wrote [bold]{lit(repo.path)}[/]: model gemx on {opts.runtime} {opts.precision}, up to {limits.max_refs} "
+                  f"references and {limits.max_streams} open streams, {limits.kv_budget_mb:g} MB of keys/values "
+                  f"({repo.manifest.kv_bytes_per_reference / 2**20:.1f} MB per reference){batches}", highlight=False)
     console.print(f"serve it with: gemx serve {repo.path}", highlight=False, markup=False)
 
 

@@ -19,7 +19,22 @@ import torch
 from gemx.contract import DEFAULT_MAX_SIZE, MAX_REFS, VALIDATE_BATCH, Contract
 from gemx.errors import GemxError, check_positive
 from gemx.exporter.graphs import FrameGraph, ReferenceEncoderGraph
-from gemx.exporter.manifest import WRITTEN_LATER, graph_entry, is_export, new_manifest, sha256, write_manifest
+from gemx.exporter.manifest import (
+    MANIFEST,
+    WRITTEN_LATER,
+    CheckpointFile,
+    ExportManifest,
+    Int8Calibration,
+    ModelEntry,
+    Parity,
+    Precision,
+    Quantization,
+    Refs,
+    Spatial,
+    graph_file,
+    is_export,
+    sha256,
+)
 from gemx.exporter.onnx_export import DEFAULT_OPSET, check_opset, export_graph, strip_build_metadata
 from gemx.exporter.trt_check import TrtReport, check_tensorrt_compat
 from gemx.exporter.validate import (
@@ -63,7 +78,7 @@ class ExportOptions:
 @dataclass
 class ExportResult:
     path: Path
-    manifest: dict
+    manifest: ExportManifest | None = None  # written last, once every check passed
     parity: dict[str, list[ParityRow]] = field(default_factory=dict)
     trt: list[TrtReport] = field(default_factory=list)
     frames_source: str = ""
@@ -98,9 +113,8 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
     calib = _int8_calibration(ckpt.path, ckpt_sha, opts) if opts.int8 else None  # refused before any work
     frames, source = sample_frames(cfg.size, max(refs_list) + 1, opts.frames)
     params = sum(p.numel() for p in model.parameters())
-    manifest = new_manifest(cfg, params, opts.opset, opts.max_refs, refs_list, {"file": ckpt.path.name, "sha256": ckpt_sha},
-                            max_size)
-    result = ExportResult(out, manifest, frames_source=source)
+    result = ExportResult(out, frames_source=source)
+    precisions: dict[str, Precision] = {}
     with atomic_dir(out, replaceable=lambda p: opts.force and is_export(p), written_later=WRITTEN_LATER) as tmp:
         for precision in ("fp32", "fp16") if opts.fp16 else ("fp32",):
             progress(f"exporting {precision} graphs")
@@ -125,18 +139,21 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
             worst = max(r.max_abs_error for r in rows)
             if precision == "fp32" and worst > FP32_TOLERANCE:
                 raise GemxError(f"exported graphs differ from PyTorch by {worst:.2e} (> {FP32_TOLERANCE}); export refused")
-            manifest["precisions"][precision] = {
-                "graphs": {spec.name: graph_entry(spec, path, proto)
-                           for spec, path, proto in zip(contract.graphs, paths, protos, strict=True)},
-                "parity": [vars(r) for r in rows],
-                "parity_against": "pytorch" if precision == "fp32" else "fp32 graphs",
-                "batch_max_abs_error": batch_error,
-            }
+            precisions[precision] = Precision(
+                graphs={spec.name: graph_file(spec, path, proto)
+                        for spec, path, proto in zip(contract.graphs, paths, protos, strict=True)},
+                parity=[Parity(**vars(r)) for r in rows],
+                parity_against="pytorch" if precision == "fp32" else "fp32 graphs",
+                batch_max_abs_error=batch_error)
         if opts.int8:
             int8 = _export_int8(Contract(cfg), tmp, calib, ckpt_sha, frames, refs_list, model, max_size, opts, progress)
-            manifest["precisions"]["int8"] = int8.entry
+            precisions["int8"] = int8.entry
             result.parity["int8"], result.trt = int8.parity, result.trt + int8.trt
-        write_manifest(tmp, manifest)
+        result.manifest = ExportManifest(
+            model=ModelEntry(config=cfg.to_dict(), parameters=params, checkpoint=CheckpointFile(file=ckpt.path.name, sha256=ckpt_sha)),
+            opset=opts.opset, refs=Refs(max=opts.max_refs, validated=refs_list), precisions=precisions,
+            spatial=None if max_size is None else Spatial(grid=cfg.grid, max_size=max_size))
+        result.manifest.write(tmp / MANIFEST)
     return result
 
 
@@ -152,7 +169,7 @@ def _int8_calibration(checkpoint: Path, checkpoint_sha: str, opts: ExportOptions
 
 @dataclass
 class Int8Export:
-    entry: dict  # the manifest's precisions.int8
+    entry: Precision  # the manifest's precisions.int8
     parity: list[ParityRow]
     trt: list[TrtReport]
 
@@ -178,7 +195,7 @@ def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, 
         cache = _int8_cache(table, contract)
         protos = [quantize(src, table.graphs[spec.name], dst, cache)
                   for spec, src, dst in zip(contract.graphs, folded, paths, strict=True)]
-    table.save(out / RANGES_FILE)
+    table.write(out / RANGES_FILE)
     kept_fp32 = {spec.name: fp32_convs(proto) for spec, proto in zip(contract.graphs, protos, strict=True)}
     trt = [check_tensorrt_compat(p, path.name) for p, path in zip(protos, paths, strict=True)]
     progress(f"checking int8 accuracy at refs {refs_list}")
@@ -188,21 +205,17 @@ def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, 
     if not worst > INT8_PSNR_GOAL:
         raise GemxError(f"the int8 graphs reach only {worst:.1f} dB PSNR against FP32 (goal > {INT8_PSNR_GOAL} dB); "
                         "export refused: calibrate on video closer to what you serve (--calib)")
-    entry = {
-        "graphs": {spec.name: graph_entry(spec, path, proto) for spec, path, proto in zip(int8.graphs, paths, protos, strict=True)},
-        "parity": [vars(r) for r in rows],
-        "parity_against": "fp32 graphs",
-        "batch_max_abs_error": _checked_batch(paths, int8, frames),
-        "quantization": {
-            "method": METHOD, "format": "QDQ",
-            "activations": "int8, symmetric per tensor (zero point 0)", "weights": "int8, symmetric per output channel",
-            "quantized_ops": QUANTIZED_OPS, "kept_fp32": kept_fp32,
-            "frame_head": "2x2 phases (gemx.model.network.subpixel_head): as FP32 but on the frame's outer 2 pixels",
-            "calibration": {"source": table.source, "frames": table.frames, "block_size": table.block_size,
-                            "table": RANGES_FILE, "table_sha256": sha256(out / RANGES_FILE),
-                            "shipped": not isinstance(calib, list)},
-        },
-    }
+    quantization = Quantization(
+        method=METHOD, format="QDQ",
+        activations="int8, symmetric per tensor (zero point 0)", weights="int8, symmetric per output channel",
+        quantized_ops=QUANTIZED_OPS, kept_fp32=kept_fp32,
+        frame_head="2x2 phases (gemx.model.network.subpixel_head): as FP32 but on the frame's outer 2 pixels",
+        calibration=Int8Calibration(**table.calibration.model_dump(), block_size=table.block_size, table=RANGES_FILE,
+                                    table_sha256=sha256(out / RANGES_FILE), shipped=not isinstance(calib, list)))
+    entry = Precision(graphs={spec.name: graph_file(spec, path, proto)
+                              for spec, path, proto in zip(int8.graphs, paths, protos, strict=True)},
+                      parity=[Parity(**vars(r)) for r in rows], parity_against="fp32 graphs",
+                      batch_max_abs_error=_checked_batch(paths, int8, frames), quantization=quantization)
     return Int8Export(entry, rows, trt)
 
 

@@ -6,18 +6,19 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, Self
 
 import onnx
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 import gemx
 from gemx.contract import VALIDATE_BATCH, Contract, GraphSpec
 from gemx.errors import GemxError
-from gemx.fs import atomic_write, json_field
+from gemx.fs import json_field
 from gemx.model.config import ModelConfig
+from gemx.records import Part, Record, omitted_when_none
 from gemx.revision import code_revision
 
-FORMAT = "gemx-export"
-VERSION = 1
 # What decides the graphs gemx writes for a checkpoint and options: an export cached by other code (an older
 # gemx, another torch or ONNX Runtime) is made again instead of measured as if current.
 GRAPH_SOURCES = ("contract.py", "model/config.py", "model/network.py", "model/lr.py", "exporter/graphs.py",
@@ -28,6 +29,8 @@ GRAPH_LIBRARIES = ("torch", "onnx", "onnxscript", "onnxruntime")
 
 def graphs_revision() -> str:
     return code_revision(*GRAPH_SOURCES, libraries=GRAPH_LIBRARIES)
+
+
 MANIFEST = "manifest.json"
 # What runtimes write into an export after it was made (ONNX Runtime's TensorRT engine cache, TensorRT's timing
 # cache, `--runtime auto`'s measured choices): gemx's too, so `gemx export --force` may replace them with the rest.
@@ -45,14 +48,152 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def graph_entry(spec: GraphSpec, path: Path, proto: onnx.ModelProto) -> dict:
-    return {
-        "file": path.name,
-        "sha256": sha256(path),
-        "inputs": [s.to_dict() for s in spec.inputs],
-        "outputs": [s.to_dict() for s in spec.outputs],
-        "op_counts": _op_counts(proto),
-    }
+class CheckpointFile(Part):
+    file: str
+    sha256: str
+
+
+class ModelEntry(Part):
+    config: dict[str, Any]  # a ModelConfig's fields
+    parameters: int
+    checkpoint: CheckpointFile
+
+    @field_validator("config")
+    @classmethod
+    def _a_model_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        try:
+            ModelConfig.from_dict(config)
+        except (GemxError, TypeError) as e:
+            raise ValueError(str(e)) from None
+        return config
+
+
+class Refs(Part):
+    """The reference axis: the graphs take 1..max references; parity was checked at each of `validated`."""
+    axis: Literal["refs"] = "refs"
+    min: Literal[1] = 1
+    max: int
+    validated: list[PositiveInt] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _max_is_validated(self) -> Self:
+        if self.max != max(self.validated):
+            raise ValueError(f"refs.max {self.max} is not the largest validated reference count {max(self.validated)} "
+                             "(edited by hand?)")
+        return self
+
+
+class Batch(Part):
+    """Frames of several streams in one frame-graph run, checked against the same frames one by one."""
+    axis: Literal["batch"] = "batch"
+    validated: PositiveInt
+
+
+class Tensor(Part):
+    name: str
+    shape: list[int | str]
+    dtype: str
+
+
+class GraphFile(Part):
+    file: str = Field(pattern=r"^[^/\\]+$")  # a plain file name inside the export
+    sha256: str
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    op_counts: dict[str, int]
+
+
+class Parity(Part):
+    refs: int
+    max_abs_error: float
+    psnr_db: float
+    size: list[int] | None  # HR height and width (the frames' own when None)
+
+
+class Int8Calibration(Part):
+    source: str
+    frames: int
+    block_size: int
+    table: str
+    table_sha256: str
+    shipped: bool
+
+
+class Quantization(Part):
+    method: str
+    format: str
+    activations: str
+    weights: str
+    quantized_ops: list[str]
+    kept_fp32: dict[str, list[str]]
+    frame_head: str
+    calibration: Int8Calibration
+
+
+class Precision(Part):
+    """One precision's pair of graphs, and how close they came to their reference."""
+    graphs: dict[Literal["reference_encoder", "frame"], GraphFile]
+    parity: list[Parity]
+    parity_against: str
+    batch_max_abs_error: float
+    quantization: Quantization | None = omitted_when_none()
+
+    @field_validator("graphs")
+    @classmethod
+    def _both_graphs(cls, graphs: dict) -> dict:
+        if set(graphs) != {"reference_encoder", "frame"}:
+            raise ValueError("a precision needs both graphs, reference_encoder and frame")
+        return graphs
+
+
+class Spatial(Part):
+    """Graphs of any size on the grid, validated up to `max_size` (height, width)."""
+    axes: list[str] = Field(default_factory=lambda: ["height", "width"])
+    grid: PositiveInt
+    max_size: tuple[PositiveInt, PositiveInt]
+
+
+class ExportManifest(Record):
+    """manifest.json: what an export holds, the sha256 of each graph, and the manifest's own hash."""
+
+    format: Literal["gemx-export"] = "gemx-export"
+    version: Literal[1] = 1
+    gemx_version: str = gemx.__version__
+    graphs_revision: str = Field(default_factory=lambda: graphs_revision())
+    model: ModelEntry
+    opset: int
+    refs: Refs
+    batch: Batch = Batch(validated=VALIDATE_BATCH)
+    precisions: dict[str, Precision]
+    spatial: Spatial | None = omitted_when_none()
+    content_sha256: str = ""
+
+    @field_validator("precisions")
+    @classmethod
+    def _fp32_first(cls, precisions: dict[str, Precision]) -> dict[str, Precision]:
+        if "fp32" not in precisions:
+            raise ValueError("precisions must map fp32 (and more) to graphs")
+        return precisions
+
+    @classmethod
+    def check_raw(cls, data: dict, path: Path, redo: str) -> None:
+        if "content_sha256" not in data:
+            raise GemxError(f"{path} has no content hash (written by an older gemx); {redo}")
+        if data["content_sha256"] != content_sha256(data):
+            raise GemxError(f"{path} was changed after export (its content no longer matches its recorded sha256); {redo}")
+
+    def write(self, path: Path) -> None:
+        self.content_sha256 = content_sha256(self.to_dict())
+        super().write(path)
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.model.config)
+
+
+def graph_file(spec: GraphSpec, path: Path, proto: onnx.ModelProto) -> GraphFile:
+    return GraphFile(file=path.name, sha256=sha256(path), inputs=[Tensor(**s.to_dict()) for s in spec.inputs],
+                     outputs=[Tensor(**s.to_dict()) for s in spec.outputs], op_counts=_op_counts(proto))
 
 
 def _op_counts(proto: onnx.ModelProto) -> dict[str, int]:
@@ -68,50 +209,45 @@ def content_sha256(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def write_manifest(out_dir: Path, manifest: dict) -> Path:
-    path = out_dir / MANIFEST
-    manifest["content_sha256"] = content_sha256(manifest)
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
-    return path
-
-
 @dataclass
 class ExportDir:
     """A checked export directory: its manifest, model config and the graph files per precision."""
 
     path: Path
-    manifest: dict
+    manifest: ExportManifest
 
     @property
     def config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.manifest["model"]["config"])
+        return self.manifest.config
 
     @property
     def max_refs(self) -> int:
-        return int(self.manifest["refs"]["max"])
+        return self.manifest.refs.max
 
     @property
     def max_size(self) -> tuple[int, int] | None:
         """The largest (height, width) the graphs were validated at; None for a fixed-size export."""
-        size = self.manifest.get("spatial", {}).get("max_size")
-        return tuple(size) if size else None
+        return self.manifest.spatial.max_size if self.manifest.spatial else None
 
     @property
     def precisions(self) -> list[str]:
-        return list(self.manifest["precisions"])
+        return list(self.manifest.precisions)
 
     def contract(self, precision: str = "fp32") -> Contract:
         return Contract(self.config, precision)
 
-    def graph_path(self, graph: str, precision: str = "fp32") -> Path:
-        if precision not in self.manifest["precisions"]:
+    def graph(self, graph: str, precision: str = "fp32") -> GraphFile:
+        if precision not in self.manifest.precisions:
             raise GemxError(f"{self.path} has no {precision} graphs; re-export with `gemx export --{precision}`")
-        return self.path / self.manifest["precisions"][precision]["graphs"][graph]["file"]
+        return self.manifest.precisions[precision].graphs[graph]
+
+    def graph_path(self, graph: str, precision: str = "fp32") -> Path:
+        return self.path / self.graph(graph, precision).file
 
 
 def is_export(path: Path) -> bool:
     """A folder is an export when its manifest says so, not merely because it holds a `manifest.json`."""
-    return json_field(Path(path) / MANIFEST, "format") == FORMAT
+    return json_field(Path(path) / MANIFEST, "format") == ExportManifest.kind()[0]
 
 
 def read_export_dir(path: Path, verify: bool = True) -> ExportDir:
@@ -120,80 +256,18 @@ def read_export_dir(path: Path, verify: bool = True) -> ExportDir:
     mpath = path / MANIFEST
     if not mpath.exists():
         raise GemxError(f"{path} is not a gemx export directory (no {MANIFEST}); create one with `gemx export`")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise GemxError(f"{mpath} is corrupt ({e}); re-run `gemx export --force`") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise GemxError(f"{mpath} is not a gemx export manifest")
-    if not isinstance(manifest.get("version"), int):
-        raise GemxError(f"{mpath} is malformed (no integer version); re-run `gemx export --force`")
-    if manifest["version"] > VERSION:
-        raise GemxError(f"{mpath} has format version {manifest['version']}; this gemx reads up to {VERSION}, upgrade gemx")
-    if "content_sha256" not in manifest:
-        raise GemxError(f"{mpath} has no content hash (written by an older gemx); re-run `gemx export --force`")
-    if manifest.get("content_sha256") != content_sha256(manifest):
-        raise GemxError(f"{mpath} was changed after export (its content no longer matches its recorded sha256); "
-                        "re-run `gemx export --force`")
-    _check_fields(manifest, mpath)
-    export = ExportDir(path, manifest)
-    for precision, entry in manifest["precisions"].items():
-        if entry["graphs"]["frame"].get("inputs") != [s.to_dict() for s in export.contract(precision).frame.inputs]:
+    export = ExportDir(path, ExportManifest.read(mpath, "re-run `gemx export --force`"))
+    for precision, entry in export.manifest.precisions.items():
+        if [t.model_dump() for t in entry.graphs["frame"].inputs] != [s.to_dict() for s in export.contract(precision).frame.inputs]:
             raise GemxError(f"{path} was exported by an older gemx: its {precision} graphs lay out the reference cache "
                             "differently from this gemx's; re-run `gemx export --force`")
     if verify:
-        for precision, entry in manifest["precisions"].items():
-            for graph in entry["graphs"].values():
-                f = path / graph["file"]
+        for precision, entry in export.manifest.precisions.items():
+            for graph in entry.graphs.values():
+                f = path / graph.file
                 if not f.exists():
                     raise GemxError(f"{f} named by the manifest is missing; re-run `gemx export --force`")
-                if sha256(f) != graph["sha256"]:
+                if sha256(f) != graph.sha256:
                     raise GemxError(f"{f} does not match the sha256 in its manifest ({precision}); it was changed "
                                     "after export: re-run `gemx export --force`")
     return export
-
-
-def _check_fields(manifest: dict, mpath: Path) -> None:
-    """Every field a reader uses, with its type; the refs range must be the validated one."""
-    try:
-        ModelConfig.from_dict(manifest["model"]["config"])
-        refs = manifest["refs"]
-        validated = refs["validated"]
-        if not (isinstance(refs["max"], int) and isinstance(validated, list) and validated
-                and all(isinstance(r, int) and r >= 1 for r in validated)):
-            raise TypeError("refs.max and refs.validated must be positive integers")
-        if refs["max"] != max(validated):
-            raise ValueError(f"refs.max {refs['max']} is not the largest validated reference count {max(validated)} "
-                             "(edited by hand?)")
-        precisions = manifest["precisions"]
-        if not isinstance(precisions, dict) or "fp32" not in precisions:
-            raise TypeError("precisions must map fp32 (and more) to graphs")
-        for entry in precisions.values():
-            for graph in ("reference_encoder", "frame"):
-                g = entry["graphs"][graph]
-                if not (isinstance(g["file"], str) and "/" not in g["file"] and isinstance(g["sha256"], str)):
-                    raise TypeError(f"graph entry {graph} needs a plain file name and a sha256")
-    except GemxError as e:
-        raise GemxError(f"{mpath}: {e}; re-run `gemx export --force`") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        what = f"missing {e}" if isinstance(e, KeyError) else str(e)
-        raise GemxError(f"{mpath} is malformed ({what}); re-run `gemx export --force`") from None
-
-
-def new_manifest(config: ModelConfig, params: int, opset: int, max_refs: int, validated: list[int], source: dict,
-                 max_size: tuple[int, int] | None = None) -> dict:
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "gemx_version": gemx.__version__,
-        "graphs_revision": graphs_revision(),
-        "model": {"config": config.to_dict(), "parameters": params, "checkpoint": source},
-        "opset": opset,
-        "refs": {"axis": "refs", "min": 1, "max": max_refs, "validated": validated},
-        # frames of several streams in one frame-graph run, checked against the same frames one by one
-        "batch": {"axis": "batch", "validated": VALIDATE_BATCH},
-        "precisions": {},
-    }
-    if max_size is not None:  # graphs of any size on the grid, up to this one
-        manifest["spatial"] = {"axes": ["height", "width"], "grid": config.grid, "max_size": list(max_size)}
-    return manifest

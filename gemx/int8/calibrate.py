@@ -15,7 +15,7 @@ from gemx.contract import Contract
 from gemx.errors import GemxError
 from gemx.frames import cached_frames, to_tensor
 from gemx.int8.qdq import QUANTIZED_OPS
-from gemx.int8.ranges import RangeTable
+from gemx.int8.ranges import Calibration, RangeTable
 from gemx.model.lr import downsample
 
 CALIB_FRAMES = 48  # frame-graph samples over all calibration videos
@@ -72,7 +72,8 @@ def calibrate(fp32_paths: tuple[Path, Path], contract: Contract, videos: list[Pa
         graphs[spec.name] = _calibrated_ranges(path, feeds)
     graphs["reference_encoder"].update({name: (-amax, amax) for name, amax in cache_amax.items()})
     source = f"{len(videos)} video{'s' if len(videos) > 1 else ''}: {', '.join(v.name for v in videos)}"
-    return RangeTable(checkpoint_sha256, cfg.block_size, source, len(frame_feeds), graphs)
+    return RangeTable(checkpoint_sha256=checkpoint_sha256, block_size=cfg.block_size,
+                      calibration=Calibration(source=source, frames=len(frame_feeds)), graphs=graphs)
 
 
 def _calibrated_ranges(fp32_path: Path, feeds: list[dict]) -> dict[str, tuple[float, float]]:

@@ -25,7 +25,19 @@ from gemx.frames import sample_frames
 from gemx.fs import atomic_dir, atomic_write, refuse_foreign
 from gemx.metrics import psnr_db
 from gemx.model.lr import downsample
-from gemx.runtimes.build_record import RECORD, engine_dir, is_build, write_record
+from gemx.runtimes.build_record import (
+    RECORD,
+    Accuracy,
+    BuildRecord,
+    Gpu,
+    OpenVinoBuild,
+    OrtCpuBuild,
+    TensorRTBuild,
+    TrtProfile,
+    engine_dir,
+    is_build,
+    write_record,
+)
 from gemx.runtimes.gpu import detect_gpu, tensorrt_version
 
 
@@ -77,8 +89,8 @@ class BuildOptions:
 class BuildResult:
     target: str  # "tensorrt" or "ort-cpu"
     path: Path
-    record: dict
-    accuracy: dict = field(default_factory=dict)  # psnr_db, max_abs_error against the FP32 ONNX graphs
+    record: BuildRecord
+    accuracy: Accuracy | None = None  # against the FP32 ONNX graphs
 
 
 def build(export_path: Path, opts: BuildOptions, progress=lambda msg: None) -> BuildResult:
@@ -138,16 +150,14 @@ def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResul
             ort.InferenceSession(ort_cpu_graph(export.graph_path(graph, precision), precision), so,
                                  providers=["CPUExecutionProvider"])
             graphs[graph] = f"{graph}.onnx"
-        record = {
-            "target": "ort-cpu", "onnxruntime_version": ort.__version__, "precision": precision,
-            "cpu": platform.processor() or platform.machine(), "graphs": graphs,
-            "onnx_sha256": {g: sha256(export.graph_path(g, precision)) for g in graphs},
-            "optimization_level": "extended",
-        }
+        record = OrtCpuBuild(
+            onnxruntime_version=ort.__version__, precision=precision, cpu=platform.processor() or platform.machine(),
+            graphs=graphs, onnx_sha256={g: sha256(export.graph_path(g, precision)) for g in graphs},
+            optimization_level="extended")
         if precision == "int8":
-            record["prepared"] = ("uint8 activations, int32 biases, whole channel blocks, pads of uint8 tensors, one-node unit "
-                                  "queries, for ONNX Runtime's x86 kernels (gemx.int8.ort_cpu)")
-            record["preparation_revision"] = preparation_revision()
+            record.prepared = ("uint8 activations, int32 biases, whole channel blocks, pads of uint8 tensors, one-node unit "
+                               "queries, for ONNX Runtime's x86 kernels (gemx.int8.ort_cpu)")
+            record.preparation_revision = preparation_revision()
         write_record(tmp, record)
     result = BuildResult("ort-cpu", out, record)
     progress("accuracy gate")
@@ -179,11 +189,9 @@ def build_openvino(export: ExportDir, opts: BuildOptions, progress) -> BuildResu
         progress(f"compiling both graphs ({precision}) with OpenVINO {version} for this CPU")
         graphs = export_compiled(export, precision, tmp)
         source = "int8" if precision == "int8" else "fp32"
-        record = {
-            "target": "openvino", "openvino_version": version, "precision": precision,
-            "cpu": cpu_model(), "cpu_flags": cpu_flags(), "graphs": graphs,
-            "onnx_sha256": {g: sha256(export.graph_path(g, source)) for g in graphs}, "graph_precision": source,
-        }
+        record = OpenVinoBuild(
+            openvino_version=version, precision=precision, cpu=cpu_model(), cpu_flags=cpu_flags(), graphs=graphs,
+            onnx_sha256={g: sha256(export.graph_path(g, source)) for g in graphs}, graph_precision=source)
         write_record(tmp, record)
     result = BuildResult("openvino", out, record)
     progress("accuracy gate")
@@ -226,15 +234,12 @@ def build_tensorrt(export: ExportDir, opts: BuildOptions, refs_max: int, progres
             data = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache))()
             engines[spec.name] = f"{spec.name}.engine"
             atomic_write(tmp / engines[spec.name], lambda p, data=data: p.write_bytes(data))
-        record = {
-            "target": "tensorrt", "tensorrt_version": trt.__version__, "precision": precision,
-            "strongly_typed": strongly_typed, "contract_precision": contract_precision,
-            "gpu": {"name": gpu.name, "compute_capability": gpu.compute_capability},
-            "profile": {"min": opts.refs_min, "opt": opts.refs_opt, "max": refs_max,
-                        "sizes": {k: list(v) for k, v in sizes.items()}, "max_batch": opts.max_batch},
-            "engines": engines,
-            "onnx_sha256": {s.name: sha256(export.graph_path(s.name, contract_precision)) for s in contract.graphs},
-        }
+        record = TensorRTBuild(
+            tensorrt_version=trt.__version__, precision=precision, strongly_typed=strongly_typed,
+            contract_precision=contract_precision, gpu=Gpu(name=gpu.name, compute_capability=gpu.compute_capability),
+            profile=TrtProfile(min=opts.refs_min, opt=opts.refs_opt, max=refs_max, sizes=sizes, max_batch=opts.max_batch),
+            engines=engines,
+            onnx_sha256={s.name: sha256(export.graph_path(s.name, contract_precision)) for s in contract.graphs})
         write_record(tmp, record)
     result = BuildResult("tensorrt", out, record)
     progress("accuracy gate")
@@ -268,7 +273,7 @@ def engine_sizes(export: ExportDir, opts: BuildOptions) -> dict[str, tuple[int, 
     return {"min": low, "opt": opt, "max": largest}
 
 
-def accuracy_gate(export: ExportDir, session, refs: int, video: Path | None = None) -> dict:
+def accuracy_gate(export: ExportDir, session, refs: int, video: Path | None = None) -> Accuracy:
     """Built artifact vs the FP32 ONNX graphs (ONNX Runtime CPU) on frames of `video` (synthetic without one)."""
     from gemx.runtimes.ort_session import OrtSession
 
@@ -285,10 +290,10 @@ def accuracy_gate(export: ExportDir, session, refs: int, video: Path | None = No
         worst_err = max(worst_err, float(np.abs(got - want).max()))
     if not np.isfinite(worst_err):
         raise GemxError(f"the built {session.name} graphs produce NaN or Inf on real frames; the build is not usable")
-    return {"psnr_db": worst_psnr, "max_abs_error": worst_err, "refs": refs, "frames": len(targets), "source": source}
+    return Accuracy(psnr_db=float(worst_psnr), max_abs_error=worst_err, refs=refs, frames=len(targets), source=source)
 
 
-def _update_record(out: Path, record: dict, accuracy: dict) -> None:
-    record["accuracy_vs_fp32_onnx"] = accuracy
+def _update_record(out: Path, record: BuildRecord, accuracy: Accuracy) -> None:
+    record.accuracy_vs_fp32_onnx = accuracy
     write_record(out, record)
     assert (out / RECORD).exists()

@@ -13,7 +13,7 @@ RUNTIMES = ("torch", "ort", "openvino", "torch-cuda", "ort-cuda", "ort-tensorrt"
 # with its int8 kernels; OpenVINO runs the FP32 graphs in f32 or bf16 and the QDQ graphs as they are; TensorRT builds
 # INT8 engines from the same QDQ graphs.
 RUNTIME_PRECISIONS = {"torch": ("fp32",), "ort": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8"),
-                      "torch-cuda": ("fp32", "fp16"), "ort-cuda": ("fp32", "fp16"), "ort-tensorrt": ("fp32", "fp16"),
+                      "torch-cuda": ("fp32", "fp16", "bf16"), "ort-cuda": ("fp32", "fp16"), "ort-tensorrt": ("fp32", "fp16"),
                       "tensorrt": ("fp32", "fp16", "int8")}
 
 
@@ -57,13 +57,28 @@ def precisions_here(runtime: str) -> tuple[list[str], list[str]]:
 
     fast, notes = [], []
     for precision in RUNTIME_PRECISIONS[runtime]:
-        if precision == "bf16" and not bf16_native()[0]:
+        if precision == "bf16" and runtime == "torch-cuda":
+            ok, why = _gpu_bf16()
+            if not ok:
+                notes.append(f"bf16: {why}")
+                continue
+        elif precision == "bf16" and not bf16_native()[0]:
             notes.append("bf16: no bf16 instructions on this CPU")
             continue
         fast.append(precision)
         if precision == "int8" and runtime in ("ort", "openvino") and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags()):
             notes.append("int8: no VNNI/AMX here, so int8 gains less")
     return fast, notes
+
+
+def _gpu_bf16() -> tuple[bool, str]:
+    import torch
+
+    from gemx.runtimes.torch_cuda_session import bf16_on_gpu, cuda_available
+
+    if not cuda_available()[0]:
+        return True, ""  # no GPU at all: the runtime's own line says so
+    return bf16_on_gpu(torch.cuda.get_device_name(), torch.cuda.get_device_capability())
 
 
 def available_runtimes() -> list[str]:
@@ -147,32 +162,31 @@ def _ort_cpu_build(export, precision: str) -> dict[str, Path] | None:
     """
     from gemx.int8.ort_cpu import preparation_revision
     from gemx.runtimes.build import ort_cpu_dir
-    from gemx.runtimes.build_record import RECORD, read_record
+    from gemx.runtimes.build_record import RECORD, OrtCpuBuild, built_from, read_record
 
     path = export.path / ort_cpu_dir(precision)
     if precision not in export.precisions or not (path / RECORD).exists():
         return None
-    record = read_record(path, export)
-    built_from = export.manifest["precisions"][precision]["graphs"]
-    if any(built_from[g]["sha256"] != sha for g, sha in record["onnx_sha256"].items()):
+    record = read_record(path, export, OrtCpuBuild)
+    if not built_from(record, export, precision):
         return None
-    if precision == "int8" and record.get("preparation_revision") != preparation_revision():
+    if precision == "int8" and record.preparation_revision != preparation_revision():
         return None
-    return {g: path / f for g, f in record["graphs"].items()}
+    return {g: path / f for g, f in record.graphs.items()}
 
 
 def _openvino_build(export, precision: str) -> dict[str, bytes] | None:
     """The compiled models of `gemx build --runtime openvino`, when there is a build of this precision: verified (sha256)
     and refused in one line when built from other graphs, by another OpenVINO or for another CPU."""
     from gemx.runtimes.build import openvino_dir
-    from gemx.runtimes.build_record import RECORD, check_openvino_record, read_record
+    from gemx.runtimes.build_record import RECORD, OpenVinoBuild, check_openvino_record, read_record
 
     path = export.path / openvino_dir(precision)
     if not (path / RECORD).exists():
         return None
-    record = read_record(path, export)
+    record = read_record(path, export, OpenVinoBuild)
     check_openvino_record(record, export)
-    return {g: (path / f).read_bytes() for g, f in record["graphs"].items()}
+    return {g: (path / f).read_bytes() for g, f in record.graphs.items()}
 
 
 def deployed_models(checkpoints: list, runtime: str, precisions: list[str], progress=lambda msg: None) -> dict:

@@ -18,7 +18,7 @@ from gemx.errors import GemxError
 from gemx.exporter.manifest import ExportDir
 from gemx.frames import as_array
 from gemx.runtimes.base import Session, missing_backend
-from gemx.runtimes.build_record import check_engine_record, read_engine_record
+from gemx.runtimes.build_record import check_engine_record, engine_dir, read_engine_record
 
 
 class TensorRTSession(Session):
@@ -27,20 +27,20 @@ class TensorRTSession(Session):
     def __init__(self, export: ExportDir, precision: str = "fp16"):
         record = read_engine_record(export, precision)
         check_engine_record(record, export)
-        sizes = record["profile"].get("sizes", {})
-        super().__init__(export.contract(record["contract_precision"]), record["profile"]["max"],
+        sizes = record.profile.sizes
+        super().__init__(export.contract(record.contract_precision), record.profile.max,
                          tuple(sizes["max"]) if sizes else export.max_size)
-        self.min_refs = record["profile"]["min"]
-        self.max_batch = record["profile"].get("max_batch", 1)  # batches above it run in parts
+        self.min_refs = record.profile.min
+        self.max_batch = record.profile.max_batch  # batches above it run in parts
         self.min_size = tuple(sizes["min"]) if sizes else None  # the engine's profile starts here
         try:
             from polygraphy.backend.common import BytesFromPath
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
         except ImportError:
             raise missing_backend("TensorRT is not installed") from None
-        engines = export.path / record["dir"]
-        self.encoder = TrtRunner(EngineFromBytes(BytesFromPath(str(engines / record["engines"]["reference_encoder"]))))
-        self.frame = TrtRunner(EngineFromBytes(BytesFromPath(str(engines / record["engines"]["frame"]))))
+        engines = export.path / engine_dir(precision)
+        self.encoder = TrtRunner(EngineFromBytes(BytesFromPath(str(engines / record.engines["reference_encoder"]))))
+        self.frame = TrtRunner(EngineFromBytes(BytesFromPath(str(engines / record.engines["frame"]))))
         self.encoder.activate()
         self.frame.activate()
 

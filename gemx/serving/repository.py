@@ -19,18 +19,20 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import PositiveInt
 
 import gemx
 from gemx.contract import BATCH, Contract, TensorSpec, graph_precision
 from gemx.errors import GemxError, check_positive
-from gemx.exporter.manifest import MANIFEST, WRITTEN_LATER, ExportDir, read_export_dir, sha256
+from gemx.exporter.manifest import MANIFEST, WRITTEN_LATER, CheckpointFile, ExportDir, read_export_dir, sha256
 from gemx.fs import atomic_dir, check_target, json_field
+from gemx.records import Part, Record
 from gemx.runtimes.cpu import bf16_native
 from gemx.runtimes.registry import check_precision
 
 MODEL_NAME = "gemx"
-FORMAT = "gemx-triton"
-VERSION = 1
 SERVING_MANIFEST = "serving.json"
 RUNTIMES = ("ort", "openvino", "ort-cuda", "ort-tensorrt", "tensorrt")
 # Responses carry the server's cache size with every frame, so a client (the load test) can watch it.
@@ -71,10 +73,42 @@ class TritonOptions:
         return 2000 if self.gpu else 0
 
 
+class ExportCopy(Part):
+    name: str
+    sha256: str  # of the export's manifest
+    checkpoint: CheckpointFile
+
+
+class Limits(Part):
+    max_refs: PositiveInt
+    max_streams: PositiveInt
+    kv_budget_mb: float
+    idle_timeout_s: float
+
+
+class Batching(Part):
+    max_batch: PositiveInt
+    queue_delay_us: int
+
+
+class ServingManifest(Record):
+    """serving.json: what the repository serves (its export's manifest sha256, runtime, precision) and its limits."""
+
+    format: Literal["gemx-triton"] = "gemx-triton"
+    version: Literal[1] = 1
+    gemx_version: str = gemx.__version__
+    export: ExportCopy
+    runtime: str
+    precision: str
+    limits: Limits
+    batching: Batching
+    kv_bytes_per_reference: int
+
+
 @dataclass
 class Repository:
     path: Path
-    manifest: dict
+    manifest: ServingManifest
 
     @property
     def model_dir(self) -> Path:
@@ -93,7 +127,7 @@ class Repository:
 
     def export(self) -> ExportDir:
         export = read_export_dir(self.export_path)
-        if sha256(self.export_path / MANIFEST) != self.manifest["export"]["sha256"]:
+        if sha256(self.export_path / MANIFEST) != self.manifest.export.sha256:
             raise GemxError(f"{self.export_path} is not the export {self.path} was written for; re-run `gemx triton --force`")
         return export
 
@@ -104,28 +138,26 @@ def write_repository(export_path: Path, out: Path, opts: TritonOptions) -> Repos
     check_target(Path(out), opts.force, is_repository, "a gemx Triton repository")
     max_refs = opts.max_refs or export.max_refs
     contract = export.contract(opts.precision)
-    manifest = {
-        "format": FORMAT, "version": VERSION, "gemx_version": gemx.__version__,
-        "export": {"name": Path(export_path).resolve().name, "sha256": sha256(export.path / MANIFEST),
-                   "checkpoint": export.manifest["model"]["checkpoint"]},
-        "runtime": opts.runtime, "precision": opts.precision,
-        "limits": {"max_refs": max_refs, "max_streams": opts.max_streams, "kv_budget_mb": opts.kv_budget_mb,
-                   "idle_timeout_s": opts.idle_timeout_s},
-        "batching": {"max_batch": opts.max_batch, "queue_delay_us": opts.batch_delay_us},
-        "kv_bytes_per_reference": contract.kv_bytes(1),
-    }
+    manifest = ServingManifest(
+        export=ExportCopy(name=Path(export_path).resolve().name, sha256=sha256(export.path / MANIFEST),
+                          checkpoint=export.manifest.model.checkpoint),
+        runtime=opts.runtime, precision=opts.precision,
+        limits=Limits(max_refs=max_refs, max_streams=opts.max_streams, kv_budget_mb=float(opts.kv_budget_mb),
+                      idle_timeout_s=float(opts.idle_timeout_s)),
+        batching=Batching(max_batch=opts.max_batch, queue_delay_us=opts.batch_delay_us),
+        kv_bytes_per_reference=contract.kv_bytes(1))
     with atomic_dir(Path(out), replaceable=lambda p: opts.force and is_repository(p)) as tmp:
         model = tmp / MODEL_NAME
         shutil.copytree(export.path, model / "1" / "export", ignore=shutil.ignore_patterns(*WRITTEN_LATER, ".*"))
         (model / "1" / "model.py").write_text(MODEL_PY)
         (model / "config.pbtxt").write_text(model_config_text(contract, opts, max_refs))
-        (model / SERVING_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest.write(model / SERVING_MANIFEST)
         read_export_dir(model / "1" / "export")  # the copy is verified like any export
     return Repository(Path(out), manifest)
 
 
 def is_repository(path: Path) -> bool:
-    return json_field(Path(path) / MODEL_NAME / SERVING_MANIFEST, "format") == FORMAT
+    return json_field(Path(path) / MODEL_NAME / SERVING_MANIFEST, "format") == ServingManifest.kind()[0]
 
 
 def read_repository(path: Path) -> Repository:
@@ -134,15 +166,7 @@ def read_repository(path: Path) -> Repository:
     mpath = path / MODEL_NAME / SERVING_MANIFEST
     if not mpath.exists():
         raise GemxError(f"{path} is not a gemx Triton repository (no {MODEL_NAME}/{SERVING_MANIFEST}); create one with `gemx triton`")
-    try:
-        manifest = json.loads(mpath.read_text())
-        if manifest.get("format") != FORMAT or manifest.get("version", 0) > VERSION:
-            raise ValueError("not a gemx-triton manifest of a version this gemx reads")
-        if not isinstance(manifest["export"]["sha256"], str) or int(manifest["limits"]["max_refs"]) < 1:
-            raise ValueError("bad export hash or limits")
-        repo = Repository(path, manifest)
-    except (ValueError, KeyError, TypeError) as e:
-        raise GemxError(f"{mpath} is corrupt ({e}); re-run `gemx triton --force`") from None
+    repo = Repository(path, ServingManifest.read(mpath, "re-run `gemx triton --force`"))
     repo.export()
     return repo
 

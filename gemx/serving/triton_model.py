@@ -27,8 +27,8 @@ def open_stream_table(repo: Repository, params: dict[str, str]) -> StreamTable:
     from gemx.runtimes.registry import open_session
 
     threads = int(params.get("threads", "0")) or None
-    session = open_session(repo.manifest["runtime"], repo.export_path, repo.manifest["precision"], threads=threads)
-    session.max_refs = min(session.max_refs or np.inf, int(repo.manifest["limits"]["max_refs"]))
+    session = open_session(repo.manifest.runtime, repo.export_path, repo.manifest.precision, threads=threads)
+    session.max_refs = min(session.max_refs or np.inf, repo.manifest.limits.max_refs)
     return StreamTable(session, int(params["kv_budget_bytes"]), float(params["idle_timeout_s"]))
 
 

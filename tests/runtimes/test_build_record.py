@@ -12,12 +12,12 @@ from gemx.runtimes.ort_session import profile_shapes
 @pytest.fixture
 def record(tiny_export):
     export = read_export_dir(tiny_export.path)
-    shas = {g: export.manifest["precisions"]["fp32"]["graphs"][g]["sha256"] for g in ("reference_encoder", "frame")}
-    return export, {
-        "tensorrt_version": "10.13.0", "contract_precision": "fp32",
-        "gpu": {"name": "NVIDIA H100", "compute_capability": "9.0"},
-        "profile": {"min": 1, "opt": 5, "max": 10}, "onnx_sha256": shas,
-    }
+    shas = {g: export.graph(g).sha256 for g in ("reference_encoder", "frame")}
+    return export, br.TensorRTBuild(
+        precision="fp32", tensorrt_version="10.13.0", strongly_typed=False, contract_precision="fp32",
+        gpu=br.Gpu(name="NVIDIA H100", compute_capability="9.0"),
+        profile=br.TrtProfile(min=1, opt=5, max=10, sizes={}, max_batch=1), onnx_sha256=shas,
+        engines={"reference_encoder": "reference_encoder.engine", "frame": "frame.engine"})
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_other_gpu_says_rebuild(record, on_h100_with_trt_10, monkeypatch):
 
 def test_engine_from_another_export_is_refused(record, on_h100_with_trt_10):
     export, rec = record
-    rec["onnx_sha256"]["frame"] = "0" * 64
+    rec.onnx_sha256["frame"] = "0" * 64
     with pytest.raises(GemxError, match="built from another export"):
         br.check_engine_record(rec, export)
 

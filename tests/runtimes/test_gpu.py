@@ -22,7 +22,7 @@ def test_engines_build_and_match_ort_at_refs_1_to_10(tiny_export, tmp_path, fp16
     copy = tmp_path / "e.export"
     shutil.copytree(tiny_export.path, copy)
     result = build(copy, BuildOptions(fp16=fp16, refs_min=1, refs_opt=5, refs_max=10))
-    assert result.accuracy["psnr_db"] > (50 if fp16 else 80)
+    assert result.accuracy.psnr_db > (50 if fp16 else 80)
     cfg = read_export_dir(copy).config
     target = downsample(frames(1, cfg.size, seed=9), cfg.scale).numpy()
     trt, ort = open_session("tensorrt", copy, precision="fp16" if fp16 else "fp32"), open_session("ort", copy)
@@ -85,3 +85,29 @@ def test_torch_cuda_fp16_keeps_the_fp16_graph_dtypes_and_stays_close(tiny_ckpt):
     full.set_references(r)
     target = downsample(frames(1, cfg.size, seed=2), cfg.scale).numpy()
     assert psnr_db(half(target), full(target)) > 45
+
+
+@pytest.mark.skipif(not torch_cuda_ok, reason=f"needs an NVIDIA GPU with a CUDA build of PyTorch: {torch_cuda_why}")
+def test_torch_cuda_bf16_keeps_float32_caches_and_stays_close_eager_and_replayed(tiny_ckpt):
+    import torch
+
+    from gemx.metrics import psnr_db
+    from gemx.model import load_checkpoint
+    from gemx.runtimes.torch_cuda_session import TorchCudaSession
+
+    model = load_checkpoint(tiny_ckpt).model
+    cfg = model.config
+    full = TorchCudaSession(model, "fp32")
+    sessions = TorchCudaSession(model, "bf16"), TorchCudaSession(model, "bf16", cuda_graphs=False)
+    for refs in (1, 5):
+        r = frames(refs, cfg.size, seed=refs).numpy()
+        for s in (full, *sessions):
+            s.set_references(r)
+        assert all(t.dtype == torch.float32 for t in sessions[0]._kv.kv)  # the FP32 contract's cache
+        for seed in (3, 4):
+            target = downsample(frames(1, cfg.size, seed=seed), cfg.scale).numpy()
+            want = full(target)
+            for s in sessions:
+                got = s(target)
+                assert got.dtype == np.float32 and psnr_db(got, want) > 35
+                assert not np.array_equal(got, want)  # it did compute in bf16

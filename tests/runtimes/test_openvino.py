@@ -72,8 +72,8 @@ def test_an_openvino_build_is_imported_and_refused_after_tampering_or_on_another
     result = build(own_export, BuildOptions(runtime="openvino"))
     out = own_export / openvino_dir("fp32")
     record = result.record
-    assert result.target == "openvino" and record["cpu"] == gemx.runtimes.cpu.cpu_model()
-    assert set(record["graphs"].values()) == set(record["artifacts_sha256"]) and record["accuracy_vs_fp32_onnx"]["psnr_db"] > 100
+    assert result.target == "openvino" and record.cpu == gemx.runtimes.cpu.cpu_model()
+    assert set(record.graphs.values()) == set(record.artifacts_sha256) and record.accuracy_vs_fp32_onnx.psnr_db > 100
     cfg = read_export_dir(own_export).config
     refs, target = inputs(cfg.size, cfg.scale)
     outs = []
@@ -82,7 +82,7 @@ def test_an_openvino_build_is_imported_and_refused_after_tampering_or_on_another
             s.set_references(refs)
             outs.append(s(target))
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-4)
-    blob = out / record["graphs"]["frame"]
+    blob = out / record.graphs["frame"]
     good = blob.read_bytes()
     blob.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
     with pytest.raises(GemxError, match="does not match the sha256 in its build record"):

@@ -111,7 +111,7 @@ def test_cpu_build_writes_optimized_graphs_that_sessions_use(tiny_export, tmp_pa
     copy = tmp_path / "b.export"
     shutil.copytree(tiny_export.path, copy)
     result = build(copy, BuildOptions())
-    assert result.target == "ort-cpu" and result.accuracy["max_abs_error"] <= 1e-5
+    assert result.target == "ort-cpu" and result.accuracy.max_abs_error <= 1e-5
     assert (copy / "ort_cpu" / "build.json").exists()
     s = open_session("ort", copy)
     assert str(s.encoder._model_path).startswith(str(copy / "ort_cpu"))
@@ -153,3 +153,14 @@ def test_runtimes_command_lists_every_runtime_its_precisions_here_and_the_cpu(mo
     assert "CPU: Old CPU; instruction sets: avx2" in res.output
     if runtime_available("openvino")[0]:
         assert "bf16: no bf16 instructions on this CPU" in res.output and "int8: no VNNI/AMX here" in res.output
+
+
+def test_bf16_is_refused_in_one_line_on_a_gpu_without_bf16_tensor_cores():
+    """The capability check torch-cuda's bf16 makes before it loads anything."""
+    from gemx.runtimes.torch_cuda_session import bf16_on_gpu
+
+    assert bf16_on_gpu("NVIDIA H200", (9, 0)) == (True, "") and bf16_on_gpu("NVIDIA A10G", (8, 6))[0]
+    ok, why = bf16_on_gpu("Tesla V100-SXM2-16GB", (7, 0))
+    assert not ok and why == ("this GPU (Tesla V100-SXM2-16GB, sm 7.0) has no bf16 tensor cores (sm 8.0 or newer has them); "
+                              "use fp16 or fp32")
+

@@ -141,7 +141,7 @@ def test_config_parses_with_tritons_protobuf_and_follows_the_contract(repo, tiny
     assert config.sequence_batching.max_sequence_idle_microseconds == int(IDLE_S * 1e6)
     assert {c.name for c in config.sequence_batching.control_input} == {"START", "END", "CORRID"}
     assert config.parameters["max_refs"].string_value == str(MAX_REFS)
-    assert read_repository(repo.path).manifest["export"]["sha256"] == repo.manifest["export"]["sha256"]
+    assert read_repository(repo.path).manifest.export.sha256 == repo.manifest.export.sha256
 
 
 def tiny_export_contract(tiny_export):
@@ -213,7 +213,7 @@ def test_end_of_sequence_frees_the_cache(server, raw):
 
 
 def read_bytes_per_ref(server):
-    return read_repository(server.repo).manifest["kv_bytes_per_reference"]
+    return read_repository(server.repo).manifest.kv_bytes_per_reference
 
 
 def test_the_byte_budget_evicts_the_least_recently_used_stream(server, raw, local):
@@ -366,7 +366,7 @@ def test_triton_force_replaces_only_its_own_repository(tiny_export, tmp_path):
     out = tmp_path / "r"
     first = write_repository(tiny_export.path, out, TritonOptions(max_streams=2))
     again = write_repository(tiny_export.path, out, TritonOptions(max_streams=3, force=True))
-    assert first.manifest["limits"]["max_streams"] == 2 and read_repository(out).manifest["limits"]["max_streams"] == 3
+    assert first.manifest.limits.max_streams == 2 and read_repository(out).manifest.limits.max_streams == 3
     assert again.path == out
     other = tmp_path / "site"
     other.mkdir()
@@ -472,7 +472,7 @@ def test_an_int8_repository_serves_the_int8_graphs(tmp_path):
     for runtime in ("ort", "openvino") if runtime_available("openvino")[0] else ("ort",):
         repo = write_repository(path, tmp_path / runtime, TritonOptions(runtime=runtime, precision="int8", max_refs=MAX_REFS,
                                                                         threads=1))
-        assert repo.manifest["precision"] == "int8"
+        assert repo.manifest.precision == "int8"
         with open_session(runtime, path, "int8", threads=1) as int8:
             want = [int8.decode(x, int8.encode(refs)) for x in lr]
         server = TritonServer(repo.path, grpc_port=free_port(), http_port=free_port(), log_path=tmp_path / f"{runtime}.log")
