@@ -5,7 +5,9 @@ OpenVINO reads the export's ONNX graphs as they are, symbolic axes included:
     bf16  the same FP32 graphs, computed in bf16 where the CPU multiplies bf16 natively (refused where it would be
           emulated); frames and caches stay float32 at the graph's edges
     int8  the export's TensorRT-form QDQ graphs, with no preparation: OpenVINO fuses each Q/DQ pair into its int8
-          kernels, and computes what stays float in f32
+          kernels, and computes what stays float (softmax, the float logits, the bicubic frame) in bf16 where the
+          CPU multiplies bf16 natively (OpenVINO's own default there; inside the int8 quality bar, docs/cpu.md), in
+          f32 elsewhere
 Keys and values are copied once per reference set out of the encoder's request into arrays this process owns; every
 frame hands them to the frame request without a copy (`share_inputs`). Frames run a frame graph compiled for the
 reference set's exact shapes, made when the references are encoded; a batch of several streams' frames runs the
@@ -32,7 +34,7 @@ from gemx.runtimes.base import Session
 from gemx.runtimes.cpu import bf16_native
 
 PRECISIONS = ("fp32", "bf16", "int8")
-INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # what OpenVINO computes the float ops in
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}  # what OpenVINO computes the float ops in
 FIXED_GEOMETRIES = 8  # (batch, reference count, frame size) whose frame graph a session keeps compiled for its shapes
 
 
@@ -59,7 +61,10 @@ def compile_config(precision: str, threads: int | None) -> dict[str, Any]:
         ok, why = bf16_native()
         if not ok:
             raise GemxError(why)
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision]}
+    hint = INFERENCE_PRECISION[precision]
+    if hint == "bf16" and precision == "int8" and not bf16_native()[0]:
+        hint = "f32"  # int8's float ops: bf16 only where the CPU multiplies it natively
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     return config
