@@ -170,8 +170,9 @@ def build_ort_cpu(export: ExportDir, opts: BuildOptions, progress) -> BuildResul
 
 
 def build_openvino(export: ExportDir, opts: BuildOptions, progress) -> BuildResult:
-    """Compile both graphs for this CPU once and keep the compiled models, so a later session imports them instead of
-    compiling; the record names the OpenVINO version and the CPU and ISA flags they were compiled for."""
+    """Compile the symbolic frame graph for this CPU once and keep the compiled model, so a later session imports it
+    instead of compiling (the encoder, and the frame graph per geometry, compile for exact shapes at encode); the
+    record names the OpenVINO version and the CPU and ISA flags it was compiled for."""
     from gemx.runtimes.cpu import cpu_flags, cpu_model
     from gemx.runtimes.openvino_session import OpenVinoSession, export_compiled, openvino_version
 
@@ -186,7 +187,7 @@ def build_openvino(export: ExportDir, opts: BuildOptions, progress) -> BuildResu
     out = export.path / openvino_dir(precision)
     _claim(out, opts.force)
     with atomic_dir(out, replaceable=lambda p: opts.force and is_build(p)) as tmp:
-        progress(f"compiling both graphs ({precision}) with OpenVINO {version} for this CPU")
+        progress(f"compiling the frame graph ({precision}) with OpenVINO {version} for this CPU")
         graphs = export_compiled(export, precision, tmp)
         source = "int8" if precision == "int8" else "fp32"
         record = OpenVinoBuild(

@@ -5,15 +5,15 @@ OpenVINO reads the export's ONNX graphs as they are, symbolic axes included:
     bf16  the same FP32 graphs, computed in bf16 where the CPU multiplies bf16 natively (refused where it would be
           emulated); frames and caches stay float32 at the graph's edges
     int8  the export's TensorRT-form QDQ graphs, with no preparation: OpenVINO fuses each Q/DQ pair into its int8
-          kernels, and computes what stays float (softmax, the float logits, the bicubic frame) in bf16 where the
-          CPU multiplies bf16 natively (OpenVINO's own default there; inside the int8 quality bar, docs/cpu.md), in
-          f32 elsewhere
-Keys and values are copied once per reference set out of the encoder's request into arrays this process owns; every
-frame hands them to the frame request without a copy (`share_inputs`). Frames run a frame graph compiled for the
-reference set's exact shapes, made when the references are encoded; a batch of several streams' frames runs the
-symbolic graph until one compiled for its shapes is ready (compiled in the background on first sight). A build
-(`gemx build --runtime openvino`) holds the compiled symbolic models, so a later session imports them instead of
-compiling.
+          kernels, and computes what stays float in f32
+Both graphs run compiled for exact shapes, which OpenVINO's CPU kernels run faster than symbolic ones (docs/cpu.md):
+the encoder for each reference set's shape, compiled at its first encode (a fresh request per encode, so its buffers
+are not held between sets), and the frame graph for the set's geometry, compiled with it so that no frame of the call
+waits. Keys and values are copied once per reference set out of the encoder's request into arrays this process owns;
+every frame hands them to the frame request without a copy (`share_inputs`). A batch of several streams' frames runs
+the symbolic frame graph until one compiled for its shapes is ready (compiled in the background on first sight). A
+build (`gemx build --runtime openvino`) holds the compiled symbolic frame graph, so a later session imports it instead
+of compiling.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,10 @@ from gemx.runtimes.base import Session
 from gemx.runtimes.cpu import bf16_native
 
 PRECISIONS = ("fp32", "bf16", "int8")
-INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}  # what OpenVINO computes the float ops in
-FIXED_GEOMETRIES = 8  # (batch, reference count, frame size) whose frame graph a session keeps compiled for its shapes
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # what OpenVINO computes the float ops in
+FIXED_GEOMETRIES = 8  # reference-set shapes (encoder) and (batch, reference count, frame size) geometries (frame graph)
+#                      a session keeps compiled, each
+SYMBOLIC = ("frame",)  # the graphs a session (and a build) compiles with their symbolic axes
 
 
 def openvino_version() -> tuple[str | None, str]:
@@ -61,10 +64,7 @@ def compile_config(precision: str, threads: int | None) -> dict[str, Any]:
         ok, why = bf16_native()
         if not ok:
             raise GemxError(why)
-    hint = INFERENCE_PRECISION[precision]
-    if hint == "bf16" and precision == "int8" and not bf16_native()[0]:
-        hint = "f32"  # int8's float ops: bf16 only where the CPU multiplies it natively
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision]}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     return config
@@ -73,22 +73,18 @@ def compile_config(precision: str, threads: int | None) -> dict[str, Any]:
 class OpenVinoSession(Session):
     def __init__(self, export: ExportDir, precision: str = "fp32", threads: int | None = None,
                  compiled: dict[str, bytes] | None = None):
-        """`compiled`: the build's compiled models by graph name (imported instead of compiling the ONNX graphs)."""
+        """`compiled`: the build's compiled symbolic models by graph name (imported instead of compiling)."""
         self.config = compile_config(precision, threads)
         super().__init__(export.contract(graph_precision(precision)), export.max_refs, export.max_size)
         self.name, self.precision = "openvino", precision
         self.core = core()
-        models = {}
-        for spec in self.contract.graphs:
-            if compiled is not None:
-                models[spec.name] = self.core.import_model(io.BytesIO(compiled[spec.name]), "CPU", self.config)
-            else:
-                models[spec.name] = self.core.compile_model(str(export.graph_path(spec.name, graph_precision(precision))), "CPU",
-                                                            self.config)
-        self.compiled = models
-        self.encoder = models["reference_encoder"].create_infer_request()
-        self.frame = models["frame"].create_infer_request()  # any geometry, until its own is compiled
-        self.frame_graph = export.graph_path("frame", graph_precision(precision))
+        self.graphs = {g: export.graph_path(g, graph_precision(precision)) for g in ("reference_encoder", "frame")}
+        if compiled is not None:
+            frame = self.core.import_model(io.BytesIO(compiled["frame"]), "CPU", self.config)
+        else:
+            frame = self.core.compile_model(str(self.graphs["frame"]), "CPU", self.config)
+        self.frame = frame.create_infer_request()  # any geometry, until its own is compiled
+        self.encoders: OrderedDict[tuple, Any] = OrderedDict()  # references' shape -> the encoder compiled for it
         self.fixed: OrderedDict[tuple, Any] = OrderedDict()  # geometry -> a frame request compiled for its exact shapes
         self._fixed_lock = threading.Lock()
         self._compiling: set[tuple] = set()
@@ -96,8 +92,11 @@ class OpenVinoSession(Session):
         self.kv_names = [s.name for s in self.contract.kv]
 
     def _encode(self, references: np.ndarray) -> dict[str, np.ndarray]:
-        self.encoder.infer({"references": references}, share_inputs=True)
-        kv = {name: self.encoder.get_tensor(name).data.copy() for name in self.kv_names}  # owned: the next encode reuses
+        shape = tuple(references.shape)
+        encoder = self._kept(self.encoders, shape, lambda: self._compile("reference_encoder", {"references": shape}))
+        request = encoder.create_infer_request()
+        request.infer({"references": references}, share_inputs=True)
+        kv = {name: request.get_tensor(name).data.copy() for name in self.kv_names}  # owned, past the request
         scale = self.contract.config.scale
         target = (1, 3, references.shape[2] // scale, references.shape[3] // scale)
         self._fixed_frame(target, kv)  # compiled now, with the references, so no frame of the call waits for it
@@ -115,22 +114,29 @@ class OpenVinoSession(Session):
         return request.get_tensor("frame_hr").data.copy()
 
     def _fixed_frame(self, target: tuple[int, ...], kv: dict[str, np.ndarray]):
-        """The frame graph compiled for one geometry's exact shapes: OpenVINO's CPU kernels run static shapes faster
-        than the symbolic graph, for one compile per batch, reference count and frame size (measured in docs/cpu.md).
-        The most recent FIXED_GEOMETRIES are kept; a geometry without one runs the symbolic graph."""
-        key = _geometry(target, kv)
+        """A frame request compiled for one geometry's exact shapes (one compile per batch, reference count and frame
+        size); a geometry without one runs the symbolic graph."""
+        shapes = {"target_lr": tuple(target), **_shapes(kv)}
+        return self._kept(self.fixed, _geometry(target, kv), lambda: self._compile("frame", shapes).create_infer_request())
+
+    def _compile(self, graph: str, shapes: dict[str, tuple[int, ...]]):
+        model = self.core.read_model(str(self.graphs[graph]))
+        model.reshape({name: list(shape) for name, shape in shapes.items()})
+        return self.core.compile_model(model, "CPU", self.config)
+
+    def _kept(self, kept: OrderedDict, key: tuple, make: Callable[[], Any]):
+        """`kept[key]`, made on first sight (outside the lock: a compile takes a while, and frames of other geometries
+        go on); the most recent FIXED_GEOMETRIES are kept."""
         with self._fixed_lock:
-            if key in self.fixed:
-                self.fixed.move_to_end(key)
-                return self.fixed[key]
-        model = self.core.read_model(str(self.frame_graph))
-        model.reshape({"target_lr": list(target), **{name: list(shape) for name, shape in _shapes(kv).items()}})
-        request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+            if key in kept:
+                kept.move_to_end(key)
+                return kept[key]
+        value = make()
         with self._fixed_lock:
-            self.fixed[key] = request
-            if len(self.fixed) > FIXED_GEOMETRIES:
-                self.fixed.popitem(last=False)
-        return request
+            kept[key] = value
+            if len(kept) > FIXED_GEOMETRIES:
+                kept.popitem(last=False)
+        return value
 
     def _compile_later(self, target: tuple[int, ...], kv: dict[str, np.ndarray]) -> None:
         """Compile a batch geometry's frame graph in the background: the batch that first shows it, and those after
@@ -169,12 +175,12 @@ def _geometry(target: tuple[int, ...], kv: dict[str, Any]) -> tuple:
 
 
 def export_compiled(export: ExportDir, precision: str, out: Path) -> dict[str, str]:
-    """Compile both graphs for this CPU and write each compiled model into `out`; returns graph -> file name. (A
-    session sets its thread count when it imports them.)"""
+    """Compile the symbolic graphs a session compiles (`SYMBOLIC`) for this CPU and write each compiled model into
+    `out`; returns graph -> file name. (A session sets its thread count when it imports them.)"""
     ov = core()
     config = compile_config(precision, None)
     files = {}
-    for graph in ("reference_encoder", "frame"):
+    for graph in SYMBOLIC:
         compiled = ov.compile_model(str(export.graph_path(graph, graph_precision(precision))), "CPU", config)
         files[graph] = f"{graph}.blob"
         (out / files[graph]).write_bytes(compiled.export_model().getvalue())

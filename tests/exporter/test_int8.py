@@ -327,11 +327,9 @@ def test_int8_sessions_match_fp32_and_the_cpu_build_is_used(int8_export):
 @pytest.mark.data
 @pytest.mark.parametrize("runtime", ["ort", "openvino"])
 def test_int8_frames_of_several_streams_in_one_execution_equal_each_alone(int8_export, runtime):
-    """INT8 sessions batch too (ORT's prepared graphs; OpenVINO's int8 kernels): int8 caches stacked, one scale. Where
-    OpenVINO computes int8's float ops in bf16, a batch and a frame alone round those apart by up to a bf16 step."""
+    """INT8 sessions batch too (ORT's prepared graphs; OpenVINO's int8 kernels): int8 caches stacked, one scale."""
     if not runtime_available(runtime)[0]:
         pytest.skip(runtime_available(runtime)[1])
-    atol = 2**-8 if runtime == "openvino" and bf16_native()[0] else 1e-5
     _, result = int8_export
     with open_session(runtime, result.path, "int8", threads=1) as s:
         caches = [s.encode(frames(2, 64, seed=60 + k).numpy()) for k in range(3)]
@@ -341,7 +339,7 @@ def test_int8_frames_of_several_streams_in_one_execution_equal_each_alone(int8_e
         together = s.decode_batch(targets, caches)
         assert s.executions - before == 1
         for a, b in zip(alone, together, strict=True):
-            np.testing.assert_allclose(b, a, rtol=0, atol=atol)
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
 
 
 def test_build_int8_needs_int8_graphs(tiny_export):

@@ -41,8 +41,9 @@ def test_openvino_fp32_matches_pytorch_at_the_training_size_and_off_the_grid(tin
             with open_session(runtime, tiny_export.path, "fp32", threads=2, model=model) as s:
                 s.set_references(refs)
                 outs.append(s(target))
-                if runtime == "openvino" and s.padded(size) == size:  # frames ran a graph compiled for these shapes,
-                    assert len(s.fixed) == 1  # with the numbers of the symbolic one
+                if runtime == "openvino" and s.padded(size) == size:  # the references were encoded, and frames ran,
+                    assert list(s.encoders) == [refs.shape] and len(s.fixed) == 1  # by graphs compiled for their
+                    # shapes, with the numbers of the symbolic ones
                     s.frame.infer({"target_lr": target, **s._kv.kv})
                     np.testing.assert_allclose(outs[-1], s.frame.get_tensor("frame_hr").data, atol=1e-5)
         assert outs[1].shape == (1, 3, *size)
