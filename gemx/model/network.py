@@ -151,7 +151,8 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
 # Blocks are formed in two moves that ONNX Runtime's Transpose does fast: a plain NCHW -> NHWC transpose (which
 # ORT folds into the Reorder after its blocked convolutions), then swapping block rows with block columns, which
 # moves runs of B*C contiguous values. A single permute straight to blocks moves runs of B values, or single
-# values: 2-6x slower. Per frame only the target's queries are re-laid out; the cache is blocked once per set.
+# values: several times slower (docs/architecture.md). Per frame only the target's queries are re-laid out; the
+# cache is blocked once per set.
 
 def value_blocks(x: torch.Tensor, b: int) -> torch.Tensor:
     """Values [N, R, C, H, W] -> [M, R, BB, C]."""
