@@ -9,6 +9,16 @@ from gemx.model import build_model, preset, save_checkpoint
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 
 
+SERVER_FIXTURES = {"server", "batched_server", "cluster"}  # each starts real tritonservers (cluster: and nginx)
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses a server fixture is marked `server`, like those that start one themselves."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+
+
 def pytest_runtest_setup(item):
     """A test marked `data` is skipped before its fixtures run (some export a model) when the videos are missing."""
     if item.get_closest_marker("data") and not SHARED_VIDEOS.is_dir():

@@ -388,6 +388,7 @@ def test_serve_on_a_busy_port_is_one_line(repo):
     assert res.exit_code == 1 and f"port {port} on 127.0.0.1 is in use" in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.server
 def test_gemx_serve_runs_until_sigterm_and_leaves_no_server(repo):
     import os
     import signal
@@ -414,6 +415,7 @@ def test_gemx_serve_runs_until_sigterm_and_leaves_no_server(repo):
     assert children == []  # the tritonserver it started is gone too
 
 
+@pytest.mark.server
 def test_a_launcher_killed_by_sigkill_takes_its_server_with_it(repo):
     """A supervisor or the OOM killer sends SIGKILL, which `gemx serve` cannot handle: its tritonserver (in a process
     group of its own) must still go, and free its ports, or a dead replica keeps serving."""
@@ -447,6 +449,7 @@ def test_bad_triton_options_are_one_line(tiny_export, tmp_path, args, message):
 
 
 @pytest.mark.data
+@pytest.mark.server
 def test_an_int8_repository_serves_the_int8_graphs(tmp_path):
     """`gemx triton --precision int8`: the server runs the export's INT8 graphs (ORT CPU, prepared; then OpenVINO, as
     they are), frame for frame what a local INT8 session of the same runtime gives, and visibly not the FP32 frame.
