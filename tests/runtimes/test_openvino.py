@@ -121,3 +121,18 @@ def test_auto_measures_once_records_its_choice_and_reuses_it_until_the_machine_c
     (own_export / AUTO_RECORD).write_text("{not json")  # a damaged record is measured over, never trusted
     with open_session("auto", own_export, "fp32", threads=2) as s:
         assert not s.choice.reused
+
+
+def test_graphs_compiled_for_exact_shapes_are_bounded_and_keep_their_numbers(tiny_export, monkeypatch):
+    """Each reference count compiles its own encoder and frame graph; a session keeps the most recent few (not one per
+    shape it ever saw), and a shape evicted and seen again is compiled again, to the same numbers."""
+    monkeypatch.setattr("gemx.runtimes.openvino_session.FIXED_GEOMETRIES", 2)
+    cfg = load_checkpoint(tiny_export.path.parent / "tiny.pt").config
+    refs, target = inputs(cfg.size, cfg.scale, refs=3)
+    with open_session("openvino", tiny_export.path, "fp32", threads=1) as s:
+        first = {}
+        for n in (1, 2, 3, 1):
+            s.set_references(refs[:n])
+            first.setdefault(n, s(target))
+            np.testing.assert_array_equal(s(target), first[n])
+        assert [shape[0] for shape in s.encoders] == [3, 1] and len(s.fixed) == 2  # 2 (then 1) evicted, 1 made again
