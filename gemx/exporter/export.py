@@ -111,6 +111,8 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
     refs_list = sorted({r for r in (*VALIDATE_REFS, opts.max_refs) if r <= opts.max_refs})
     ckpt_sha = sha256(ckpt.path)
     calib = _int8_calibration(ckpt.path, ckpt_sha, opts) if opts.int8 else None  # refused before any work
+    if isinstance(calib, RangeTable):
+        _check_table(calib, contract)
     frames, source = sample_frames(cfg.size, max(refs_list) + 1, opts.frames)
     params = sum(p.numel() for p in model.parameters())
     result = ExportResult(out, frames_source=source)
@@ -217,6 +219,17 @@ def _export_int8(contract: Contract, out: Path, calib: list[Path] | RangeTable, 
                       parity=[Parity(**vars(r)) for r in rows], parity_against="fp32 graphs",
                       batch_max_abs_error=_checked_batch(paths, int8, frames), quantization=quantization)
     return Int8Export(entry, rows, trt)
+
+
+def _check_table(table: RangeTable, contract: Contract) -> None:
+    """A range table that cannot quantize these graphs is refused before any work: one that holds no ranges for a
+    graph, or none for a cache tensor the INT8 contract holds in int8. (A table missing some other tensor is found
+    when that graph is quantized.)"""
+    for spec in contract.graphs:
+        if not table.graphs.get(spec.name):
+            raise GemxError(f"the INT8 range table has no range for a tensor of {spec.file('fp32')} (it holds none for "
+                            "that graph); calibrate again with --calib VIDEO|DIR")
+    _int8_cache(table, contract)
 
 
 def _int8_cache(table: RangeTable, contract: Contract) -> Int8Cache:

@@ -14,6 +14,7 @@ from gemx.int8.qdq import (
     float_sources_stay_float,
     int8_cache,
     pads_keep_grid,
+    quantize,
     quantize_after_relu,
     quantize_probabilities,
     quantize_queries,
@@ -169,3 +170,17 @@ def test_tensorrt_form_refuses_a_zero_point_other_than_int8_zero():
         check_tensorrt_form(graph(np.uint8(128)), "bad.onnx")
     with pytest.raises(GemxError, match="non-zero"):
         check_tensorrt_form(graph(np.int8(3)), "bad.onnx")
+
+
+def test_a_range_table_without_a_tensor_the_quantizer_needs_is_one_line(tmp_path):
+    """ONNX Runtime's quantizer meets a tensor to quantize with no calibrated range: one line, and nothing written."""
+    import onnx
+
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    proto = model([conv], ["x"], ["y"], {"w": np.ones((4, 4, 3, 3), np.float32)})
+    proto.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8]))
+    onnx.save(proto, tmp_path / "frame.onnx")
+    with pytest.raises(GemxError, match=r"^the INT8 range table has no range for a tensor of frame\.onnx .*calibrate "
+                                        r"again with --calib VIDEO\|DIR$"):
+        quantize(tmp_path / "frame.onnx", {"y": (0.0, 1.0)}, tmp_path / "frame.int8.onnx", NO_CACHE)
+    assert not (tmp_path / "frame.int8.onnx").exists()
