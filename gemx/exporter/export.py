@@ -110,9 +110,7 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
     check_target(out, opts.force, is_export, "a gemx export", written_later=WRITTEN_LATER)
     refs_list = sorted({r for r in (*VALIDATE_REFS, opts.max_refs) if r <= opts.max_refs})
     ckpt_sha = sha256(ckpt.path)
-    calib = _int8_calibration(ckpt.path, ckpt_sha, opts) if opts.int8 else None  # refused before any work
-    if isinstance(calib, RangeTable):
-        _check_table(calib, contract)
+    calib = _int8_calibration(ckpt.path, ckpt_sha, opts, contract) if opts.int8 else None  # refused before any work
     frames, source = sample_frames(cfg.size, max(refs_list) + 1, opts.frames)
     params = sum(p.numel() for p in model.parameters())
     result = ExportResult(out, frames_source=source)
@@ -159,14 +157,18 @@ def export(ckpt_path: Path | None, opts: ExportOptions, progress=lambda msg: Non
     return result
 
 
-def _int8_calibration(checkpoint: Path, checkpoint_sha: str, opts: ExportOptions) -> list[Path] | RangeTable:
-    """The calibration videos named by --calib, else the range table shipped with the checkpoint."""
+def _int8_calibration(checkpoint: Path, checkpoint_sha: str, opts: ExportOptions,
+                      contract: Contract) -> list[Path] | RangeTable:
+    """The calibration videos named by --calib, else the range table shipped with the checkpoint (checked against
+    the contract)."""
     if opts.calib:
         return calibration_videos(opts.calib)
     shipped = shipped_ranges_path(checkpoint)
     if not shipped.exists():
         raise calibration_frames_needed(checkpoint)
-    return load_ranges(shipped, checkpoint_sha)
+    table = load_ranges(shipped, checkpoint_sha)
+    _check_table(table, contract)
+    return table
 
 
 @dataclass

@@ -38,7 +38,6 @@ PRECISIONS = ("fp32", "bf16", "int8")
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # what OpenVINO computes the float ops in
 FIXED_GEOMETRIES = 8  # reference-set shapes (encoder) and (batch, reference count, frame size) geometries (frame graph)
 #                      a session keeps compiled, each
-SYMBOLIC = ("frame",)  # the graphs a session (and a build) compiles with their symbolic axes
 
 
 def openvino_version() -> tuple[str | None, str]:
@@ -175,13 +174,10 @@ def _geometry(target: tuple[int, ...], kv: dict[str, Any]) -> tuple:
 
 
 def export_compiled(export: ExportDir, precision: str, out: Path) -> dict[str, str]:
-    """Compile the symbolic graphs a session compiles (`SYMBOLIC`) for this CPU and write each compiled model into
-    `out`; returns graph -> file name. (A session sets its thread count when it imports them.)"""
-    ov = core()
-    config = compile_config(precision, None)
-    files = {}
-    for graph in SYMBOLIC:
-        compiled = ov.compile_model(str(export.graph_path(graph, graph_precision(precision))), "CPU", config)
-        files[graph] = f"{graph}.blob"
-        (out / files[graph]).write_bytes(compiled.export_model().getvalue())
-    return files
+    """Compile the symbolic frame graph (the one graph a session compiles before it sees a shape) for this CPU and
+    write the compiled model into `out`; returns graph -> file name. (A session sets its thread count when it imports
+    it.)"""
+    compiled = core().compile_model(str(export.graph_path("frame", graph_precision(precision))), "CPU",
+                                    compile_config(precision, None))
+    (out / "frame.blob").write_bytes(compiled.export_model().getvalue())
+    return {"frame": "frame.blob"}
