@@ -342,6 +342,17 @@ def test_int8_frames_of_several_streams_in_one_execution_equal_each_alone(int8_e
             np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
 
 
+@pytest.mark.data
+def test_openvino_blocks_int8_keys_from_nhwc_to_the_same_bits(int8_export):
+    """The int8 keys (the deepest level's) are found through their quantization and blocked before it, as they were."""
+    if not runtime_available("openvino")[0]:
+        pytest.skip(runtime_available("openvino")[1])
+    from tests.runtimes.test_openvino import assert_keys_blocked_from_nhwc_to_the_same_bits
+
+    _, result = int8_export
+    assert "int8" in {spec.dtype for spec in read_export_dir(result.path).contract("int8").keys}
+    assert_keys_blocked_from_nhwc_to_the_same_bits(result.path, "int8", frames(2, 64, seed=60).numpy())
+
 def test_build_int8_needs_int8_graphs(tiny_export):
     copy = tiny_export.path.parent / "no-int8.export"
     shutil.copytree(tiny_export.path, copy, dirs_exist_ok=True)

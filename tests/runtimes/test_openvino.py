@@ -136,3 +136,26 @@ def test_graphs_compiled_for_exact_shapes_are_bounded_and_keep_their_numbers(tin
             first.setdefault(n, s(target))
             np.testing.assert_array_equal(s(target), first[n])
         assert [shape[0] for shape in s.encoders] == [3, 1] and len(s.fixed) == 2  # 2 (then 1) evicted, 1 made again
+
+
+def assert_keys_blocked_from_nhwc_to_the_same_bits(export, precision: str, refs: np.ndarray) -> None:
+    """The session's encoder, whose keys are blocked from NHWC, against the export's graph compiled as it is."""
+    from gemx.runtimes.openvino_session import keys_blocked_from_nhwc
+
+    with open_session("openvino", export, precision, threads=1) as s:
+        cache = s.encode(refs)
+        keys = [spec.name for spec in s.contract.keys]
+        models = [s.core.read_model(str(s.graphs["reference_encoder"])) for _ in range(2)]
+        for model in models:
+            model.reshape({"references": list(refs.shape)})
+        assert keys_blocked_from_nhwc(models[0], keys) == len(keys) > 0  # every key is found in the export's form
+        request = s.core.compile_model(models[1], "CPU", s.config).create_infer_request()
+        request.infer({"references": refs})
+        for name in s.kv_names:
+            np.testing.assert_array_equal(cache.kv[name], request.get_tensor(name).data, err_msg=name)
+
+
+def test_the_encoder_blocks_keys_from_nhwc_to_the_same_bits(tiny_export):
+    cfg = load_checkpoint(tiny_export.path.parent / "tiny.pt").config
+    refs, _ = inputs(cfg.size, cfg.scale)
+    assert_keys_blocked_from_nhwc_to_the_same_bits(tiny_export.path, "fp32", refs)
