@@ -8,7 +8,7 @@ import platform
 from gemx.runtimes.cpu import cpu_flags, cpu_model
 
 GEMM_SIDE = 1024  # square GEMMs this large run at the kernels' peak on a CPU, and take milliseconds
-GEMM_SECONDS = 0.3  # each precision's GEMM is repeated for this long (at least 5 times), and the best run kept
+GEMM_SECONDS = 0.1  # each precision's GEMM is repeated for this long (at least 5 times), and the best run kept
 
 
 def gemm_peaks(threads: int | None = None) -> dict[str, float]:

@@ -188,10 +188,12 @@ def keys_blocked_from_nhwc(model, keys: list[str]) -> int:
         node = result.get_node()
         while node.get_type_name() in ("Result", "Convert", "FakeQuantize", "Reshape"):  # its quantization, final view
             node = node.input_value(0).get_node()
-        if node.get_type_name() != "Transpose" or node.input_value(0).get_node().get_type_name() != "Reshape":
+        if node.get_type_name() != "Transpose":
             continue
-        split = node.input_value(0).get_node()
-        source, perm = split.input_value(0), list(node.input_value(1).get_node().get_vector())
+        split, perm = (node.input_value(i).get_node() for i in (0, 1))
+        if split.get_type_name() != "Reshape" or perm.get_type_name() != "Constant":
+            continue
+        source, perm = split.input_value(0), list(perm.get_vector())
         if split.get_output_partial_shape(0).rank.get_length() != 7 or not source.get_partial_shape().is_static:
             continue
         n, r, c, hb, b, wb, b2 = split.get_output_partial_shape(0).to_shape()
