@@ -67,6 +67,22 @@ def videos_or_skip() -> Path:
     return SHARED_VIDEOS
 
 
+INT8_CALIB = "retalk5_woman_glasses.mp4"
+
+
+@pytest.fixture(scope="session")
+def int8_export(tmp_path_factory):
+    """A tiny checkpoint exported with --int8, calibrated on one real video, shared by the INT8 exporter and serving
+    tests. Its deepest level has 64 channels, so that level's keys are int8 and its logits an int8 product; the other
+    levels' keys stay float32."""
+    video = videos_or_skip() / INT8_CALIB
+    torch.manual_seed(1)
+    root = tmp_path_factory.mktemp("int8")
+    save_checkpoint(root / "tiny.pt", build_model(preset("tiny", channels=(8, 16, 64))))
+    result = export(root / "tiny.pt", ExportOptions(out=root / "tiny.export", max_refs=5, int8=True, calib=[video]))
+    return root, result
+
+
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
     """One FP32+FP16 export of a tiny checkpoint, shared by the exporter and runtime tests."""

@@ -21,25 +21,7 @@ from gemx.metrics import psnr_db
 from gemx.runtimes.build import BuildOptions, build
 from gemx.runtimes.cpu import bf16_native
 from gemx.runtimes.registry import open_session, runtime_available
-from tests.conftest import frames, videos_or_skip
-
-CALIB = "retalk5_woman_glasses.mp4"
-
-
-@pytest.fixture(scope="module")
-def int8_export(tmp_path_factory):
-    """A tiny checkpoint exported with --int8, calibrated on one real video. Its deepest level has 64 channels, so
-    that level's keys are int8 and its logits an int8 product; the other levels' keys stay float32."""
-    import torch
-
-    from gemx.model import build_model, preset, save_checkpoint
-
-    video = videos_or_skip() / CALIB
-    torch.manual_seed(1)
-    root = tmp_path_factory.mktemp("int8")
-    save_checkpoint(root / "tiny.pt", build_model(preset("tiny", channels=(8, 16, 64))))
-    result = export(root / "tiny.pt", ExportOptions(out=root / "tiny.export", max_refs=5, int8=True, calib=[video]))
-    return root, result
+from tests.conftest import INT8_CALIB, frames, videos_or_skip
 
 
 def _initializers(proto):
@@ -119,7 +101,7 @@ def test_manifest_records_method_source_and_accuracy(int8_export):
     _, result = int8_export
     entry = read_export_dir(result.path).manifest.precisions["int8"]
     q = entry.quantization
-    assert q.method == "ptq-minmax" and CALIB in q.calibration.source and not q.calibration.shipped
+    assert q.method == "ptq-minmax" and INT8_CALIB in q.calibration.source and not q.calibration.shipped
     assert q.calibration.table_sha256 == sha256(result.path / RANGES_FILE)
     assert "2x2 phases" in q.frame_head
     assert entry.parity_against == "fp32 graphs"

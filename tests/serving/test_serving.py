@@ -450,22 +450,15 @@ def test_bad_triton_options_are_one_line(tiny_export, tmp_path, args, message):
 
 @pytest.mark.data
 @pytest.mark.server
-def test_an_int8_repository_serves_the_int8_graphs(tmp_path):
+def test_an_int8_repository_serves_the_int8_graphs(int8_export, tmp_path):
     """`gemx triton --precision int8`: the server runs the export's INT8 graphs (ORT CPU, prepared; then OpenVINO, as
     they are), frame for frame what a local INT8 session of the same runtime gives, and visibly not the FP32 frame.
     The model's deepest level has 64 channels, so the stream's cache mixes float32 and int8 keys."""
-    import torch
-
-    from gemx.exporter.export import ExportOptions, export
     from gemx.exporter.manifest import read_export_dir
     from gemx.exporter.validate import INT8_PSNR_GOAL
     from gemx.metrics import psnr_db
-    from gemx.model import build_model, preset, save_checkpoint
 
-    video = videos_or_skip() / "retalk5_woman_glasses.mp4"
-    torch.manual_seed(1)
-    save_checkpoint(tmp_path / "deep.pt", build_model(preset("tiny", channels=(8, 16, 64))))
-    path = export(tmp_path / "deep.pt", ExportOptions(out=tmp_path / "int8.export", max_refs=MAX_REFS, int8=True, calib=[video])).path
+    path = int8_export[1].path
     keys = [s.dtype for s in read_export_dir(path).contract("int8").keys]
     assert keys == ["float32", "float32", "int8"]
     refs, lr = data(7)
