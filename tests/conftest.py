@@ -74,7 +74,8 @@ INT8_CALIB = "retalk5_woman_glasses.mp4"
 def int8_export(tmp_path_factory):
     """A tiny checkpoint exported with --int8, calibrated on one real video, shared by the INT8 exporter and serving
     tests. Its deepest level has 64 channels, so that level's keys are int8 and its logits an int8 product; the other
-    levels' keys stay float32."""
+    levels' keys stay float32. Tests read it (or copy its checkpoint and table); one builds an ORT CPU build
+    into it, which every later session of it then uses."""
     video = videos_or_skip() / INT8_CALIB
     torch.manual_seed(1)
     root = tmp_path_factory.mktemp("int8")

@@ -335,6 +335,7 @@ def test_openvino_blocks_int8_keys_from_nhwc_to_the_same_bits(int8_export):
     assert "int8" in {spec.dtype for spec in read_export_dir(result.path).contract("int8").keys}
     assert_keys_blocked_from_nhwc_to_the_same_bits(result.path, "int8", frames(2, 64, seed=60).numpy())
 
+
 def test_build_int8_needs_int8_graphs(tiny_export):
     copy = tiny_export.path.parent / "no-int8.export"
     shutil.copytree(tiny_export.path, copy, dirs_exist_ok=True)
